@@ -1,0 +1,306 @@
+"""Train, export, quantize and calibrate the two shipped models (needs the ``train`` extra).
+
+    python -m edge_model.train edge  [--data-dir DIR] [--epochs N] [--seed S] [--out DIR]
+    python -m edge_model.train cloud [...]
+    hybrid-router train edge|cloud [...]          (same thing)
+
+Pipeline (all seeded): read the 55k training remainder -> train a CNN in torch -> export ONNX
+with a dynamic batch dimension -> (edge) static INT8 quantization with onnxruntime over
+held-out images -> fit temperature on the shipped validation split -> measure the ONNX
+artifacts on the shipped test split -> write the manifest with sha256, metrics and recipe.
+
+torch is imported here only; nothing at run time imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_model import data as ds
+from edge_model.calibration import expected_calibration_error, fit_temperature, softmax
+from edge_model.manifest import InputSpec, Manifest, sha256_file
+
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics (of x / 255)
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = {
+    "edge": PACKAGE_ROOT / "edge_model" / "artifacts",
+    "cloud": PACKAGE_ROOT / "cloud_service" / "artifacts",
+}
+
+
+@dataclass
+class Recipe:
+    kind: str
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+    crop_pad: int = 2
+    hflip: bool = True
+    erase_p: float = 0.0
+    train_limit: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES = {
+    "edge": Recipe(kind="edge", epochs=30, lr=0.05, weight_decay=3e-4),
+    "cloud": Recipe(kind="cloud", epochs=30, lr=0.05, weight_decay=5e-4, erase_p=0.5),
+}
+
+
+def build_model(kind: str):
+    import torch.nn as nn
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    if kind == "edge":
+        # ~1 M MACs: two conv stages and a tiny head; sized to stay under 1/20 of the cloud model.
+        layers = [
+            *block(1, 16), nn.MaxPool2d(2),          # 14x14
+            *block(16, 32), nn.MaxPool2d(2),         # 7x7
+            *block(32, 32), nn.MaxPool2d(2),         # 3x3
+            nn.Flatten(), nn.Linear(32 * 9, 10),
+        ]
+    elif kind == "cloud":
+        layers = [
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2), nn.Dropout(0.1),      # 14x14
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2), nn.Dropout(0.2),    # 7x7
+            *block(64, 128), *block(128, 128), nn.MaxPool2d(2), nn.Dropout(0.3), # 3x3
+            nn.Flatten(), nn.Linear(128 * 9, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+            nn.Dropout(0.4), nn.Linear(256, 10),
+        ]
+    else:
+        raise SystemExit(f"unknown model kind {kind!r} (edge or cloud)")
+    return nn.Sequential(*layers)
+
+
+def count_flops(model) -> tuple[int, int]:
+    """(FLOPs = 2 x multiply-accumulates of conv/linear layers for one image, parameter count)."""
+    import torch
+    import torch.nn as nn
+
+    macs = 0
+
+    def hook(mod, inp, out):
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            macs += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            macs += mod.in_features * mod.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    for h in handles:
+        h.remove()
+    return 2 * macs, sum(p.numel() for p in model.parameters())
+
+
+def normalise(images_u8: np.ndarray) -> np.ndarray:
+    return ((images_u8.astype(np.float32) / 255.0 - MEAN) / STD)[:, None, :, :]
+
+
+def _augment(x, recipe: Recipe, gen):
+    """Random translation (pad + crop), horizontal flip and random erasing, on a whole batch."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    p = recipe.crop_pad
+    if p:
+        xp = F.pad(x, (p, p, p, p), value=float(-MEAN / STD))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ar = torch.arange(28)
+        iy = (oy[:, None] + ar)[:, :, None]
+        ix = (ox[:, None] + ar)[:, None, :]
+        x = xp[torch.arange(n)[:, None, None], 0, iy, ix][:, None]
+    if recipe.hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if recipe.erase_p:
+        # Cutout-style erasing of a random 8..14 px square with the background value.
+        do = torch.rand(n, generator=gen) < recipe.erase_p
+        s = torch.randint(8, 15, (n,), generator=gen)
+        cy = torch.randint(0, 28, (n,), generator=gen)
+        cx = torch.randint(0, 28, (n,), generator=gen)
+        ar = torch.arange(28)
+        my = ((ar[None] >= (cy - s // 2)[:, None]) & (ar[None] < (cy + s // 2)[:, None]))[:, :, None]
+        mx = ((ar[None] >= (cx - s // 2)[:, None]) & (ar[None] < (cx + s // 2)[:, None]))[:, None, :]
+        mask = (my & mx & do[:, None, None])[:, None]
+        x = x.masked_fill(mask, float(-MEAN / STD))
+    return x
+
+
+def train_torch(recipe: Recipe, train: ds.Split, log=print):
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model = build_model(recipe.kind)
+    x_all = torch.from_numpy(normalise(train.images))
+    y_all = torch.from_numpy(train.labels)
+    steps_per_epoch = (len(train) + recipe.batch_size - 1) // recipe.batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.2
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(recipe.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train), generator=gen)
+        total, correct, loss_sum = 0, 0, 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            xb, yb = _augment(x_all[idx], recipe, gen), y_all[idx]
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss) * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            total += len(idx)
+        log(f"[{recipe.kind}] epoch {epoch + 1}/{recipe.epochs} loss {loss_sum / total:.4f} "
+            f"train-acc {correct / total:.4f} ({time.perf_counter() - t0:.0f}s)")
+    model.eval()
+    return model
+
+
+def export_onnx(model, path: Path) -> None:
+    import torch
+
+    dummy = torch.zeros(1, 1, 28, 28)
+    kwargs = dict(
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+    )
+    try:
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, **kwargs)
+    except TypeError:  # very old torch without the dynamo switch
+        torch.onnx.export(model, (dummy,), str(path), **kwargs)
+
+
+def onnx_logits(path: Path, images_u8: np.ndarray, batch: int = 1000) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = normalise(images_u8)
+    return np.concatenate([sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray) -> None:
+    """Static INT8 quantization: per-channel INT8 weights, UINT8 activations calibrated on held-out images.
+
+    QOperator format (QLinearConv/QGemm) rather than QDQ: for a model this small the QDQ node
+    pairs cost more file size than the weights themselves, and the INT8 file must stay <= 1/3 of
+    its FP32 twin. Shape-inference annotations added by the pre-processing are stripped too.
+    """
+    import onnx
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray, batch: int = 64):
+            self._it = iter([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    pre = int8_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    try:
+        quantize_static(
+            str(pre), str(int8_path), Reader(normalise(calib_images)),
+            quant_format=QuantFormat.QOperator, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )
+        model = onnx.load(str(int8_path))
+        del model.graph.value_info[:]
+        onnx.save(model, str(int8_path))
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def _metrics(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
+    probs = softmax(logits, temperature)
+    return {
+        "accuracy": round(float((probs.argmax(1) == labels).mean()), 5),
+        "ece": round(expected_calibration_error(probs, labels), 5),
+        "ece_uncalibrated": round(expected_calibration_error(softmax(logits), labels), 5),
+        "nll": round(float(-np.log(probs[np.arange(len(labels)), labels] + 1e-12).mean()), 5),
+    }
+
+
+def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=None, version=None, log=print) -> Manifest:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    recipe = RECIPES[kind]
+    recipe = Recipe(**{**asdict(recipe), "seed": seed, "epochs": epochs or recipe.epochs, "train_limit": train_limit})
+    out = Path(out or DEFAULT_OUT[kind])
+    out.mkdir(parents=True, exist_ok=True)
+    train = ds.load_train(data_dir).head(train_limit)
+    val, test = ds.load_validation(), ds.load_test()
+
+    t0 = time.perf_counter()
+    model = train_torch(recipe, train, log=log)
+    train_s = time.perf_counter() - t0
+    flops, params = count_flops(model)
+
+    fp32 = out / f"{kind}-fp32.onnx"
+    export_onnx(model, fp32)
+    files = {"fp32": fp32}
+    if kind == "edge":
+        files["int8"] = out / f"{kind}-int8.onnx"
+        # Calibration images: the first 1000 of the held-out validation split (labels unused).
+        quantize_int8(fp32, files["int8"], val.images[:1000])
+
+    version = version or time.strftime("%Y%m%d") + f"-s{seed}"
+    manifests = {}
+    for precision, path in files.items():
+        temp = fit_temperature(onnx_logits(path, val.images), val.labels)
+        test_logits = onnx_logits(path, test.images)
+        metrics = {"test": _metrics(test_logits, test.labels, temp), "file_bytes": path.stat().st_size}
+        m = Manifest(
+            name=f"fashion-mnist-{kind}", version=version, file=path.name, sha256=sha256_file(path),
+            precision=precision, labels=list(ds.LABELS),
+            input=InputSpec(name="input", shape=[-1, 1, 28, 28], mean=MEAN, std=STD),
+            output_name="logits", temperature=round(temp, 5), flops=flops, params=params,
+            metrics=metrics,
+            recipe={**asdict(recipe), "train_images": len(train), "train_seconds": round(train_s),
+                    "torch": torch.__version__, "optimizer": "SGD nesterov + OneCycle"},
+            twin=fp32.name if precision == "int8" else None,
+        )
+        m.save(path.with_suffix(".json"))
+        manifests[precision] = m
+        log(f"[{kind}/{precision}] test {json.dumps(metrics)} T={temp:.3f}")
+    return manifests.get("int8") or manifests["fp32"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edge_model.train_cli import add_arguments
+
+    p = argparse.ArgumentParser(prog="python -m edge_model.train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    run(a.kind, data_dir=a.data_dir, epochs=a.epochs, seed=a.seed, out=a.out, train_limit=a.train_limit, version=a.version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

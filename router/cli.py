@@ -1,0 +1,54 @@
+"""``hybrid-router`` command line: one registry of subcommands, each in its own module.
+
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and keeps its heavy
+imports inside ``run``; only the chosen command's module is imported, so ``--help`` and
+``predict`` stay fast and the router's core never pulls in the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("router.commands.demo", "start a local cloud service and stream test images through the router (the main job)"),
+    "predict": ("router.commands.predict", "classify image files through the router"),
+    "serve": ("cloud_service.cli", "run the cloud inference service (Open Inference Protocol v2)"),
+    "eval": ("router.commands.evaluate", "evaluate edge-only / cloud-only / router on a labeled set"),
+    "calibrate": ("router.commands.calibrate", "choose a confidence threshold from labeled data"),
+    "train": ("edge_model.train_cli", "train, export, quantize and calibrate the shipped models (train extra)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybrid-router",
+        description="Hybrid edge/cloud inference router for Fashion-MNIST-style image classification.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
