@@ -91,16 +91,33 @@ def load_split(name: str) -> Split:
 
 
 def validation_indices() -> np.ndarray:
-    meta = json.loads((SHIPPED_DIR / "splits.json").read_text())
-    return np.asarray(meta["validation_indices"], dtype=np.int64)
+    """The indices into the upstream 60k training set that form the shipped validation split."""
+    path = SHIPPED_DIR / "splits.json"
+    try:
+        meta = json.loads(path.read_text())
+        idx = np.asarray(meta["validation_indices"], dtype=np.int64)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path}: unreadable split definition ({exc!r})") from exc
+    if idx.ndim != 1 or len(np.unique(idx)) != len(idx) or (idx.size and idx.min() < 0):
+        raise DatasetError(f"{path}: validation_indices must be unique non-negative integers")
+    return idx
 
 
 def load_train(source_dir: str | Path | None = None) -> Split:
     """The 55k training remainder: the upstream 60k minus the shipped validation indices."""
     directory = Path(source_dir or os.environ.get("FASHION_MNIST_DIR") or DEBIAN_DIR)
     full = _load_pair(directory, "train", "train-full")
+    held_out = validation_indices()
+    if held_out.size and held_out.max() >= len(full):
+        # A different training file: the shipped indices would not mark the validation images.
+        raise DatasetError(
+            f"{directory}: training set has {len(full)} images but the shipped validation split "
+            f"refers to index {int(held_out.max())}; expected the upstream 60k Fashion-MNIST training files"
+        )
     keep = np.ones(len(full), dtype=bool)
-    keep[validation_indices()] = False
+    keep[held_out] = False
     return Split("train", full.images[keep], full.labels[keep])
 
 

@@ -8,7 +8,9 @@ are ``uint8 [N, 28, 28]`` (16-byte header), labels ``uint8 [N]`` (8-byte header)
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,8 @@ def parse_idx(raw: bytes, *, source: str = "<bytes>") -> np.ndarray:
         raise DatasetError(f"{source}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = _DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a forged header cannot overflow the size check.
+    expected = math.prod(dims) * dtype.itemsize
     payload = len(raw) - header
     if payload != expected:
         raise DatasetError(
@@ -60,7 +63,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; bad deflate data is zlib.error
             raise DatasetError(f"{path}: corrupt gzip stream ({exc})") from exc
     return parse_idx(data, source=str(path))
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_model.errors import ArtifactError
 
@@ -24,6 +24,15 @@ class InputSpec(BaseModel):
     std: float = 1.0
     # Fashion-MNIST draws light objects on a black background.
     background: Literal["dark", "light"] = "dark"
+
+    @model_validator(mode="after")
+    def _check(self) -> "InputSpec":
+        s = self.shape
+        if len(s) != 4 or s[1] != 1 or s[2] <= 0 or s[3] <= 0 or (s[0] != -1 and s[0] <= 0):
+            raise ValueError(f"shape must be [N or -1, 1, H, W] with H, W > 0; got {s}")
+        if not self.std > 0:
+            raise ValueError(f"std must be > 0; got {self.std}")
+        return self
 
     @property
     def height(self) -> int:
@@ -52,6 +61,28 @@ class Manifest(BaseModel):
     recipe: dict[str, Any] = Field(default_factory=dict)
     twin: str | None = Field(None, description="FP32 twin of a quantized model, relative file name")
 
+    @field_validator("file", "twin")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # Artifacts sit next to their manifest; a path here could point anywhere on disk.
+        if v is not None and (not v or Path(v).name != v or v in (".", "..") or "\\" in v):
+            raise ValueError(f"must be a plain file name next to the manifest; got {v!r}")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("must be 64 lowercase hex digits")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v) or not all(v):
+            raise ValueError(f"need at least two distinct, non-empty labels; got {v}")
+        return v
+
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         path = Path(path)
@@ -72,7 +103,10 @@ class Manifest(BaseModel):
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return h.hexdigest()

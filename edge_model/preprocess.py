@@ -21,7 +21,9 @@ so a decompression bomb is refused in milliseconds without a large allocation.
 from __future__ import annotations
 
 import io
+import numbers
 import os
+import struct
 from dataclasses import dataclass
 from typing import IO, Literal, Union
 
@@ -48,6 +50,16 @@ class PreprocessConfig:
     # bright (a product photo on white); arrays are never inverted.
     invert: Literal["auto", "never", "always"] = "auto"
 
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "max_pixels", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"PreprocessConfig.{name} must be a positive integer; got {value!r}")
+        if not (self.std > 0 and np.isfinite(self.std)) or not np.isfinite(self.mean):
+            raise ValueError(f"PreprocessConfig.std must be finite and > 0 and mean finite; got mean={self.mean!r} std={self.std!r}")
+        if self.invert not in ("auto", "never", "always"):
+            raise ValueError(f"PreprocessConfig.invert must be 'auto', 'never' or 'always'; got {self.invert!r}")
+
     @classmethod
     def from_input_spec(cls, spec, **overrides) -> "PreprocessConfig":
         return cls(height=spec.height, width=spec.width, mean=spec.mean, std=spec.std, **overrides)
@@ -62,13 +74,17 @@ def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG) -> n
         if np.issubdtype(image.dtype, np.floating):
             raise ArrayInputError("a float array is taken as normalised model input, not as pixels; pass uint8 pixels")
         return _array_pixels(image, config)
-    return _image_pixels(_open(image, config), config)
+    # A caller's PIL image is never draft()-ed: that would shrink the caller's own object.
+    return _image_pixels(_open(image, config), config, reduce=not isinstance(image, Image.Image))
 
 
 def normalise(pixels: np.ndarray, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """``uint8 [..., H, W]`` -> ``float32`` model input, exactly as training did."""
-    scale = np.float32(1.0 / (255.0 * config.std))
-    return pixels.astype(np.float32) * scale - np.float32(config.mean / config.std)
+    """``uint8 [..., H, W]`` -> ``float32`` model input, exactly as training did.
+
+    The same float32 operations in the same order as ``edge_model.train.normalise``, so the
+    result is bit-identical to what the model was trained and measured on.
+    """
+    return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(config.mean)) / np.float32(config.std)
 
 
 def preprocess(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
@@ -100,7 +116,11 @@ def _float_input(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         )
     if not np.isfinite(arr).all():
         raise ArrayInputError("array contains NaN or infinite values")
-    return arr.reshape(1, h, w).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        out = arr.reshape(1, h, w).astype(np.float32)  # a copy: the caller's array is never aliased
+    if not np.isfinite(out).all():  # e.g. float64 1e300 overflows float32
+        raise ArrayInputError("array values overflow float32 (|x| > 3.4e38)")
+    return out
 
 
 def _array_pixels(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -127,7 +147,14 @@ def _array_pixels(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- encoded images
 
 def _read_limited(fh: IO[bytes], limit: int, what: str) -> bytes:
-    data = fh.read(limit + 1)
+    if isinstance(fh, io.TextIOBase):
+        raise ImageDecodeError(f"{what} is opened in text mode; open images in binary mode ('rb')")
+    try:
+        data = fh.read(limit + 1)
+    except UnicodeDecodeError:  # a text-mode object that is not an io.TextIOBase
+        raise ImageDecodeError(f"{what} is opened in text mode; open images in binary mode ('rb')") from None
+    except (OSError, ValueError) as exc:  # ValueError: read of a closed file
+        raise ImageDecodeError(f"cannot read {what}: {exc}") from None
     if not isinstance(data, (bytes, bytearray)):
         raise ImageDecodeError(f"{what} did not return bytes (opened in text mode?)")
     if len(data) > limit:
@@ -150,9 +177,10 @@ def _open(image, config: PreprocessConfig) -> Image.Image:
         except OSError as exc:
             raise ImageDecodeError(f"cannot read {os.fspath(image)!r}: {exc.strerror or exc}") from exc
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        if len(data) > config.max_bytes:
-            raise ImageTooLarge(f"encoded image is {len(data)} bytes, over the limit of {config.max_bytes}")
+        size = memoryview(image).nbytes  # checked before any copy is made
+        if size > config.max_bytes:
+            raise ImageTooLarge(f"encoded image is {size} bytes, over the limit of {config.max_bytes}")
+        data = image if isinstance(image, bytes) else memoryview(image).cast("B").tobytes()
     elif hasattr(image, "read"):
         data = _read_limited(image, config.max_bytes, "file object")
     else:
@@ -181,7 +209,12 @@ def _check_size(size: tuple[int, int], config: PreprocessConfig) -> None:
 
 
 def _to_gray(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> "L"; transparency is composited onto the dark training background."""
+    """Any Pillow mode -> "L".
+
+    Transparency is composited onto a background that contrasts with the opaque content: black
+    behind a light object (the training look), white behind a dark one -- a dark icon on black
+    would vanish -- which the "auto" inversion then turns into light-on-dark.
+    """
     mode = im.mode
     if mode == "L":
         return im
@@ -189,9 +222,12 @@ def _to_gray(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         mode = im.mode
     if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(bg, rgba).convert("L")
+        la = np.asarray(im.convert("LA" if mode in ("LA", "La") else "RGBA").convert("LA"), dtype=np.float32)
+        lum, alpha = la[..., 0], la[..., 1] / np.float32(255.0)
+        cover = float(alpha.sum())
+        dark_object = cover > 0 and float((lum * alpha).sum()) / cover < 128.0
+        bg = np.float32(255.0 if dark_object else 0.0)
+        return Image.fromarray(np.rint(lum * alpha + bg * (1 - alpha)).astype(np.uint8), "L")
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(im, dtype=np.int64)
         top = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
@@ -207,10 +243,10 @@ def _to_gray(im: Image.Image) -> Image.Image:
     return im.convert("RGB").convert("L")  # CMYK, YCbCr, LAB, HSV
 
 
-def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None = None) -> np.ndarray:
+def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None = None, reduce: bool = False) -> np.ndarray:
     target = (config.width, config.height)
     try:
-        if im.format == "JPEG":
+        if reduce and im.format == "JPEG":
             # Let libjpeg decode at a reduced scale: a 6000x4000 photo costs ~1/64 of the work.
             im.draft("L" if im.mode == "L" else "RGB", (target[0] * 4, target[1] * 4))
         im.load()
@@ -220,8 +256,11 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports truncation as OSError("image file is truncated ...").
+    except MemoryError:
+        raise ImageTooLarge("not enough memory to decode the image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
+        # Pillow reports truncation as OSError("image file is truncated ..."); its plugins raise
+        # the others on malformed chunks / IFDs / EXIF.
         raise ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}") from None
     if gray.size != target:
         gray = _fit(gray, target)

@@ -10,7 +10,6 @@ No network code lives in this package.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,20 +58,35 @@ class OnnxClassifier:
         self.input_name = self.manifest.input.name
         self.preprocess_config = preprocess_config or PreprocessConfig.from_input_spec(self.manifest.input)
         self._session = _make_session(self.model_path, options)
-        names = [i.name for i in self._session.get_inputs()]
-        if self.input_name not in names:
-            raise ArtifactError(f"{self.model_path}: manifest input {self.input_name!r} not among the graph's inputs {names}")
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        if self.input_name not in inputs:
+            raise ArtifactError(f"{self.model_path}: manifest input {self.input_name!r} not among the graph's inputs {list(inputs)}")
+        graph_input = inputs[self.input_name]
+        expected = [1, *self.input_shape]
+        if graph_input.type != "tensor(float)" or len(graph_input.shape) != 4 or list(graph_input.shape[1:]) != expected:
+            raise ArtifactError(
+                f"{self.model_path}: graph input is {graph_input.type} {graph_input.shape} but the manifest "
+                f"declares float32 [N, {expected[0]}, {expected[1]}, {expected[2]}]"
+            )
         outputs = [o.name for o in self._session.get_outputs()]
         if self.manifest.output_name not in outputs:
             raise ArtifactError(f"{self.model_path}: manifest output {self.manifest.output_name!r} not among {outputs}")
         self._outputs = [self.manifest.output_name]
-        self._closed = threading.Event()
         zero = np.zeros((1, 1, self.input_shape[0], self.input_shape[1]), dtype=np.float32)
         for _ in range(options.warmup_runs):
-            self.logits(zero)
-        n = self.logits(zero).shape[1]
-        if n != len(self.labels):
-            raise ArtifactError(f"{self.model_path}: model emits {n} classes but the manifest lists {len(self.labels)} labels")
+            self._probe(zero)
+        out = self._probe(zero)
+        if out.ndim != 2 or out.shape[1] != len(self.labels):
+            raise ArtifactError(
+                f"{self.model_path}: model emits logits of shape {out.shape} but the manifest lists {len(self.labels)} labels"
+            )
+
+    def _probe(self, x: np.ndarray) -> np.ndarray:
+        # A graph that loads but cannot run is a broken artifact, not an inference-time failure.
+        try:
+            return self.logits(x)
+        except InferenceError as exc:
+            raise ArtifactError(f"{self.model_path}: warm-up inference failed: {exc}") from exc
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -102,8 +116,14 @@ class OnnxClassifier:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``float32 [N, C]`` for a normalised batch."""
+        if not isinstance(x, np.ndarray):
+            raise ArrayInputError(f"model input must be a numpy array; got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1:] != (1, *self.input_shape) or x.dtype != np.float32:
             raise ArrayInputError(f"model input must be float32 [N, 1, {self.input_shape[0]}, {self.input_shape[1]}]; got {x.dtype} {x.shape}")
+        if x.shape[0] == 0:
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ArrayInputError("model input contains NaN or infinite values")
         z = self.logits(x) * self._inv_t
         z -= z.max(axis=1, keepdims=True)
         np.exp(z, out=z)
