@@ -79,7 +79,7 @@ def test_validation_and_test_images_are_distinct(val_split, test_split):
     # The validation split is held out of the *training* set: none of its images is a test image.
     test_rows = {img.tobytes() for img in test_split.images}
     overlap = sum(img.tobytes() in test_rows for img in val_split.images)
-    assert overlap <= 5  # Fashion-MNIST has a handful of exact cross-split duplicates
+    assert overlap == 0
 
 
 @needs_debian
