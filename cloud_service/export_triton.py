@@ -7,7 +7,7 @@ runs on Triton) serves the graph as is, so this script appends
 
     <out>/fashion-mnist/config.pbtxt      # onnxruntime backend, dynamic batching, queue policy
     <out>/fashion-mnist/labels.txt        # class names (Triton's classification extension)
-    <out>/fashion-mnist/1/model.onnx      # input FP32 [-1,1,28,28] -> probabilities FP32 [-1,10]
+    <out>/fashion-mnist/1/model.onnx      # input FP32 [-1,1,28,28] -> probabilities, logits FP32 [-1,10]
 
 so any v2 client sees the same model name, tensors and answers as from our service. The result
 is checked with onnxruntime against ``OnnxClassifier.predict_proba`` before the script returns.
@@ -31,6 +31,7 @@ DEFAULT_MANIFEST = Path(__file__).resolve().parent / "artifacts" / "cloud-fp32.j
 MODEL_NAME = "fashion-mnist"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+LOGITS_NAME = "logits"
 
 
 class ExportError(RuntimeError):
@@ -71,12 +72,14 @@ def export_model_repository(
     if any(o.name == OUTPUT_NAME for o in graph.output) or any(OUTPUT_NAME in n.output for n in graph.node):
         raise ExportError(f"{classifier.model_path}: graph already has a tensor named {OUTPUT_NAME!r}")
     logits = manifest.output_name
+    if logits != LOGITS_NAME:
+        raise ExportError(f"{classifier.model_path}: output is named {logits!r}, expected {LOGITS_NAME!r}")
     inv_t = np.float32(1.0 / manifest.temperature)  # the same float32 factor predict_proba multiplies by
     graph.initializer.append(helper.make_tensor("inv_temperature", TensorProto.FLOAT, [], [float(inv_t)]))
     graph.node.append(helper.make_node("Mul", [logits, "inv_temperature"], ["scaled_logits"], name="temperature"))
     graph.node.append(helper.make_node("Softmax", ["scaled_logits"], [OUTPUT_NAME], name="calibrated_softmax", axis=1))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classifier.labels)]))
+    # probabilities first, then the raw logits (as our service offers both)
+    graph.output.insert(0, helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classifier.labels)]))
     model.doc_string = (
         f"{manifest.name} {manifest.version}: temperature-calibrated probabilities (T={manifest.temperature})"
     )
@@ -123,6 +126,11 @@ output [
     data_type: TYPE_FP32
     dims: [ {classes} ]
     label_filename: "labels.txt"
+  }},
+  {{
+    name: "{LOGITS_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
   }}
 ]
 dynamic_batching {{

@@ -65,6 +65,7 @@ DEFAULT_MANIFEST = Path(__file__).resolve().parent / "artifacts" / "cloud-fp32.j
 MODEL_NAME = "fashion-mnist"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+LOGITS_NAME = "logits"  # our service offers the raw logits too; so does this one
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,10 @@ class TritonModelServer:
                 model_name=self.model_name,
                 infer_func=[infer] * self.instances,
                 inputs=[Tensor(name=INPUT_NAME, dtype=dtype, shape=(1, h, w))],
-                outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(len(self.classifier.labels),))],
+                outputs=[
+                    Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(len(self.classifier.labels),)),
+                    Tensor(name=LOGITS_NAME, dtype=np.float32, shape=(len(self.classifier.labels),)),
+                ],
                 config=model_config,
                 strict=True,
             )
@@ -276,13 +280,20 @@ def _make_infer_fn(classifier: OnnxClassifier, input_datatype: str):
     from pytriton.decorators import batch
 
     config = classifier.preprocess_config
+    inv_t = np.float32(1.0 / classifier.temperature)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         x = inputs[INPUT_NAME]
         if input_datatype == "UINT8":
             x = normalise(x, config)
-        return {OUTPUT_NAME: classifier.predict_proba(np.ascontiguousarray(x, dtype=np.float32))}
+        logits = classifier.logits(np.ascontiguousarray(x, dtype=np.float32))
+        # the same float32 arithmetic as OnnxClassifier.predict_proba, from one ONNX call
+        z = logits * inv_t
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return {OUTPUT_NAME: z, LOGITS_NAME: logits}
 
     return infer
 

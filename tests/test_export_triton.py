@@ -29,7 +29,7 @@ def test_layout_and_config(repository):
     assert onnx_path == out / "fashion-mnist" / "1" / "model.onnx"
     config = (out / "fashion-mnist" / "config.pbtxt").read_text()
     for needle in ('name: "fashion-mnist"', 'backend: "onnxruntime"', "max_batch_size: 16", 'name: "input"',
-                   "dims: [ 1, 28, 28 ]", 'name: "probabilities"', "dims: [ 10 ]", "dynamic_batching",
+                   "dims: [ 1, 28, 28 ]", 'name: "probabilities"', 'name: "logits"', "dims: [ 10 ]", "dynamic_batching",
                    "max_queue_size: 8", "allow_timeout_override: true", "KIND_CPU"):
         assert needle in config, needle
     clf = OnnxClassifier(DEFAULT_MANIFEST)
@@ -42,12 +42,13 @@ def test_exported_graph_serves_calibrated_probabilities(repository):
     _, onnx_path = repository
     model = onnx.load(str(onnx_path))
     assert [i.name for i in model.graph.input] == ["input"]
-    assert [o.name for o in model.graph.output] == ["probabilities"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "logits"]
     clf = OnnxClassifier(DEFAULT_MANIFEST)
     x = clf.preprocess_batch(list(load_test().images[:32]))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (probs,) = session.run(["probabilities"], {"input": x})
+    probs, logits = session.run(["probabilities", "logits"], {"input": x})
     np.testing.assert_allclose(probs, clf.predict_proba(x), atol=1e-5)
+    np.testing.assert_allclose(logits, clf.logits(x), atol=1e-5)
 
 
 def test_refuses_to_overwrite(repository):

@@ -56,7 +56,10 @@ def test_health_and_metadata(triton_fp32):
     meta = httpx.get(base + model_path(MODEL_NAME), timeout=HTTP_TIMEOUT).json()
     assert meta["name"] == MODEL_NAME
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
-    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+    ]
     assert httpx.get(base + model_path("no-such-model"), timeout=HTTP_TIMEOUT).status_code == 404
 
 
@@ -78,7 +81,7 @@ def test_probabilities_equal_onnx_classifier(triton_fp32, images):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_nested_data_and_budget_parameter(triton_fp32, images):
+def test_nested_data_budget_parameter_and_all_outputs(triton_fp32, images):
     clf = triton_fp32.classifier
     x = clf.preprocess_batch(list(images[:2]))
     body = {
@@ -87,8 +90,10 @@ def test_nested_data_and_budget_parameter(triton_fp32, images):
     }
     response = _infer(triton_fp32.url, body)
     assert response.status_code == 200, response.text
-    probs = decode_tensor(InferenceResponse.model_validate(response.json()).outputs[0])
-    np.testing.assert_allclose(probs, clf.predict_proba(x), atol=1e-5)
+    outputs = {o.name: decode_tensor(o) for o in InferenceResponse.model_validate(response.json()).outputs}
+    assert set(outputs) == {"probabilities", "logits"}  # no `outputs` in the request: all of them
+    np.testing.assert_allclose(outputs["probabilities"], clf.predict_proba(x), atol=1e-5)
+    np.testing.assert_allclose(outputs["logits"], clf.logits(x), atol=1e-5)
 
 
 def test_independent_client_library(triton_fp32, images):
@@ -135,8 +140,7 @@ def test_dynamic_batching_coalesces_concurrent_requests(triton_fp32, images):
     responses = asyncio.run(fire())
     for i, response in enumerate(responses):
         assert response.status_code == 200, response.text
-        probs = decode_tensor(InferenceResponse.model_validate(response.json()).outputs[0])
-        np.testing.assert_allclose(probs, clf.predict_proba(x[i:i + 1]), atol=1e-5)
+        np.testing.assert_allclose(_probabilities(response), clf.predict_proba(x[i:i + 1]), atol=1e-5)
     after = _counts(triton_fp32.metrics_url)
     inferences = after["nv_inference_count"] - before["nv_inference_count"]
     executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
@@ -151,11 +155,15 @@ def test_uint8_input_when_declared(triton_uint8, images):
     pixels = np.ascontiguousarray(images[:4, None])  # raw uint8 [N, 1, 28, 28]
     response = _infer(triton_uint8.url, {"inputs": [encode_tensor("input", pixels)]})
     assert response.status_code == 200, response.text
-    probs = decode_tensor(InferenceResponse.model_validate(response.json()).outputs[0])
-    np.testing.assert_allclose(probs, clf.classify(list(images[:4])), atol=1e-5)
+    np.testing.assert_allclose(_probabilities(response), clf.classify(list(images[:4])), atol=1e-5)
     # One datatype per input on Triton: FP32 to a UINT8 input is refused.
     fp32 = {"inputs": [encode_tensor("input", clf.preprocess_batch(list(images[:1])))]}
     assert _infer(triton_uint8.url, fp32).status_code == 400
+
+
+def _probabilities(response: httpx.Response) -> np.ndarray:
+    outputs = InferenceResponse.model_validate(response.json()).outputs
+    return decode_tensor(next(o for o in outputs if o.name == "probabilities"))
 
 
 def _counts(metrics_url: str) -> dict[str, float]:
