@@ -1,0 +1,38 @@
+"""Hybrid edge/cloud inference router: one ``predict()`` that answers on-device or escalates.
+
+    from router import Router
+    with Router.from_config("config/policy.yaml") as r:
+        p = r.predict(image, deadline_ms=150)
+        print(p.label, p.source, p.reason)
+
+See :mod:`router.api` (front-ends), :mod:`router.decision` (the sans-I/O core),
+:mod:`router.policy` (the YAML schema) and :mod:`router.errors` (the exception tree).
+This package's core imports neither FastAPI nor uvicorn.
+"""
+
+from router.api import Router, default_router, predict
+from router.errors import (
+    CircuitOpen,
+    CloudAuthError,
+    CloudError,
+    CloudProtocolError,
+    CloudRejected,
+    CloudServerError,
+    CloudTimeout,
+    CloudUnavailable,
+    ConfigError,
+    EdgeError,
+    InvalidInput,
+    PredictionUnavailable,
+    PrivacyViolation,
+    RouterError,
+)
+from router.policy import Endpoint, Mode, RoutingPolicy, load_policy
+from router.prediction import EdgeOpinion, Prediction, Reason, Timings
+
+__all__ = [
+    "CircuitOpen", "CloudAuthError", "CloudError", "CloudProtocolError", "CloudRejected", "CloudServerError",
+    "CloudTimeout", "CloudUnavailable", "ConfigError", "EdgeError", "EdgeOpinion", "Endpoint", "InvalidInput",
+    "Mode", "Prediction", "PredictionUnavailable", "PrivacyViolation", "Reason", "Router", "RouterError",
+    "RoutingPolicy", "Timings", "default_router", "load_policy", "predict",
+]

@@ -1,0 +1,338 @@
+"""Shared plumbing: a loopback listener that can stop listening without losing its port, and a
+service that runs its own asyncio loop in a background thread so sync code (tests, CLI) can
+drive it. Both :class:`~router.netsim.proxy.NetworkProxy` and
+:class:`~router.netsim.faultserver.FaultServer` build on these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import socket
+import struct
+import threading
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+from urllib.parse import urlsplit
+
+from .errors import LoopbackOnlyError, ServiceStateError
+
+T = TypeVar("T")
+S = TypeVar("S", bound="LoopService")
+
+LOOPBACK = "127.0.0.1"
+CALL_TIMEOUT = 5.0   # bound on every wait for the background loop
+STOP_TIMEOUT = 5.0
+
+
+def check_loopback(host: str) -> str:
+    """The host as an address literal if it is loopback; never resolves names (no DNS)."""
+    if host == "localhost":
+        return LOOPBACK
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise LoopbackOnlyError(
+            f"upstream host {host!r} is not a loopback address; only 127.0.0.0/8, ::1 or "
+            "'localhost' may be a target (names are not resolved)") from None
+    if not addr.is_loopback:
+        raise LoopbackOnlyError(f"upstream {host!r} is not a loopback address; only 127.0.0.0/8 or ::1 may be a target")
+    return str(addr)
+
+
+def parse_upstream(upstream: "tuple[str, int] | str") -> tuple[str, int]:
+    """``(host, port)``, ``"host:port"`` or ``"http://host:port/..."`` -> checked ``(host, port)``."""
+    if isinstance(upstream, tuple):
+        host, port = upstream
+    elif isinstance(upstream, str):
+        parts = urlsplit(upstream if "://" in upstream else f"tcp://{upstream}")
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host, port = None, None
+        if not host or port is None:
+            raise LoopbackOnlyError(f"upstream {upstream!r} must look like 'host:port' or 'http://host:port'")
+    else:
+        raise LoopbackOnlyError(f"upstream must be (host, port) or 'host:port', got {upstream!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise LoopbackOnlyError(f"upstream port must be 1..65535, got {port!r}")
+    return check_loopback(str(host)), port
+
+
+async def connect_loopback(host: str, port: int, timeout: float, *,
+                           limit: int = 64 * 1024) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a checked loopback address literal (no resolver, no executor thread)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await asyncio.open_connection(sock=sock, limit=limit)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def rst_socket(sock: Any) -> None:
+    """Make the next close send RST instead of FIN (SO_LINGER 0)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, AttributeError):
+        pass
+
+
+def abort_writer(writer: Optional[asyncio.StreamWriter]) -> None:
+    """Close a stream connection with RST, at once."""
+    if writer is None:
+        return
+    transport = writer.transport
+    if transport.is_closing() and transport.get_extra_info("socket") is None:
+        return
+    rst_socket(transport.get_extra_info("socket"))
+    transport.abort()
+
+
+class Listener:
+    """A listening socket on 127.0.0.1 that can stop listening (connect -> ECONNREFUSED) and
+    start again on the same port.
+
+    The port is chosen by binding port 0 (no probe-then-bind race). A second socket is bound to
+    that port explicitly while the first still holds it, because Linux keeps an *explicitly*
+    bound port across ``shutdown(SHUT_RD)`` of a listener -- which returns it to the unconnected
+    state -- while a port-0 binding would be released. Where that shutdown is unsupported, the
+    socket is closed and re-bound to the same port on resume.
+    """
+
+    def __init__(self, backlog: int = 128) -> None:
+        self.backlog = backlog
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((LOOPBACK, 0))
+            self.port: int = probe.getsockname()[1]
+            self.sock: Optional[socket.socket] = self._bind()
+        finally:
+            probe.close()
+        self.listening = False
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((LOOPBACK, self.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def listen(self) -> None:
+        if self.sock is None:
+            self.sock = self._bind()
+        self.sock.listen(self.backlog)
+        self.listening = True
+
+    def unlisten(self) -> None:
+        """Stop listening; queued, not yet accepted connections are reset by the kernel."""
+        if self.sock is None or not self.listening:
+            return
+        self.listening = False
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.listening = False
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class LoopService:
+    """Runs an asyncio loop in a daemon thread; subclasses implement ``_setup`` / ``_teardown``
+    (coroutines run on that loop) and accept connections through :meth:`_accept_loop`."""
+
+    _thread_prefix = "netsim"
+
+    def __init__(self) -> None:
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._listener: Optional[Listener] = None
+        self._accept_task: Optional[asyncio.Task] = None
+        self._tasks: set[asyncio.Task] = set()
+        self._state = "new"
+
+    # ----------------------------------------------------------------- public lifecycle
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            raise ServiceStateError(f"{type(self).__name__} is not started")
+        return self._listener.port
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def start(self: S) -> S:
+        if self._state != "new":
+            raise ServiceStateError(f"{type(self).__name__} can be started once (state: {self._state})")
+        self._start()
+        return self
+
+    def _start(self) -> None:
+        self._listener = Listener()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, args=(loop, ready),
+                                        name=f"{self._thread_prefix}-{self._listener.port}", daemon=True)
+        self._thread.start()
+        if not ready.wait(CALL_TIMEOUT):
+            raise ServiceStateError(f"{type(self).__name__}: background loop did not start")
+        try:
+            self._call(self._setup())
+        except BaseException:
+            self.stop()
+            raise
+        self._state = "running"
+
+    def stop(self) -> None:
+        """Close the listener and every connection, end the thread. Idempotent, bounded."""
+        if self._state == "stopped" or self._loop is None:
+            self._state = "stopped"
+            return
+        if threading.current_thread() is self._thread:
+            raise ServiceStateError(f"{type(self).__name__}.stop() called from its own loop thread")
+        self._state = "stopping"
+        loop, thread = self._loop, self._thread
+        try:
+            if loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+                try:
+                    fut.result(STOP_TIMEOUT)
+                except (concurrent.futures.TimeoutError, Exception):
+                    fut.cancel()
+                loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:  # loop already closed
+            pass
+        if thread is not None:
+            thread.join(STOP_TIMEOUT)
+        if self._listener is not None:
+            self._listener.close()
+        self._state = "stopped"
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- loop plumbing
+    def _run_loop(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def _call(self, work: "Awaitable[T] | Callable[[], T]", timeout: float = CALL_TIMEOUT) -> T:
+        """Run a coroutine (or a plain callable) on the loop and wait for its result."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise ServiceStateError(f"{type(self).__name__} is not running")
+        if threading.current_thread() is self._thread:
+            raise ServiceStateError("blocking call from the service's own loop thread")
+
+        async def wrapper() -> T:
+            return await work if asyncio.iscoroutine(work) else work()  # type: ignore[misc,operator]
+
+        fut = asyncio.run_coroutine_threadsafe(wrapper(), loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise ServiceStateError(f"{type(self).__name__}: loop did not answer within {timeout:g} s") from None
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_accepting(self) -> None:
+        if self._listener is None:
+            raise ServiceStateError("no listener")
+        if not self._listener.listening:
+            self._listener.listen()
+        if self._accept_task is None or self._accept_task.done():
+            self._accept_task = asyncio.ensure_future(self._accept_loop())
+
+    async def _stop_accepting(self) -> None:
+        task, self._accept_task = self._accept_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.unlisten()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        lsock = self._listener.sock if self._listener is not None else None
+        if lsock is None:
+            return
+        while True:
+            try:
+                csock, _ = await loop.sock_accept(lsock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError:
+                if self._listener is None or not self._listener.listening:
+                    return
+                await asyncio.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
+                continue
+            csock.setblocking(False)
+            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._on_connection(csock))
+
+    async def _shutdown(self) -> None:
+        await self._stop_accepting()
+        if self._listener is not None:
+            self._listener.close()
+        await self._teardown()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+    # ----------------------------------------------------------------- subclass hooks
+    async def _setup(self) -> None:
+        self._start_accepting()
+
+    async def _teardown(self) -> None:
+        """Abort live connections (called before their tasks are cancelled)."""
+
+    async def _on_connection(self, csock: socket.socket) -> None:
+        raise NotImplementedError

@@ -1,0 +1,190 @@
+"""The routing policy: what operators tune in ``config/policy.yaml``.
+
+Validated by pydantic; :func:`load_policy` reports every problem as ``FILE: field.path: message``.
+A policy is immutable: the router swaps whole policies atomically on reload, so a request in
+flight keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.errors import ConfigError
+
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
+
+
+class Mode(str, Enum):
+    """Where a request is answered, after Firebase AI Logic's inference modes."""
+
+    PREFER_EDGE = "prefer_edge"  # the cascade: edge answers when confident, else escalate
+    EDGE_ONLY = "edge_only"  # never the network
+    PREFER_CLOUD = "prefer_cloud"  # cloud first; edge when offline, failing or short of budget
+    CLOUD_ONLY = "cloud_only"  # strict: cloud or an error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrySettings(_Strict):
+    max_attempts: int = Field(3, ge=1, le=10, description="attempts per escalation, across endpoints")
+    initial_backoff_ms: float = Field(5.0, ge=0)
+    max_backoff_ms: float = Field(50.0, ge=0)
+    multiplier: float = Field(2.0, ge=1.0)
+    honour_retry_after: bool = True
+
+
+class BreakerSettings(_Strict):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open the breaker")
+    failure_rate_threshold: float = Field(0.5, gt=0, le=1, description="or this failure share over the window")
+    window: int = Field(20, ge=2, description="recent calls the failure rate is measured on")
+    min_calls: int = Field(10, ge=1, description="calls in the window before the rate may open the breaker")
+    open_duration_s: float = Field(5.0, gt=0)
+    half_open_max_calls: int = Field(1, ge=1, description="trial calls let through while half-open")
+
+
+class Endpoint(_Strict):
+    name: Optional[str] = None
+    url: str
+    model: str = "fashion-mnist"
+    version: Optional[str] = None
+    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
+    priority: int = Field(0, description="lower is preferred when selection = priority")
+    weight: float = Field(1.0, gt=0)
+    input_datatype: Literal["auto", "UINT8", "FP32"] = "auto"
+    output_name: str = "probabilities"
+    output_kind: Literal["probabilities", "logits"] = "probabilities"
+    initial_latency_ms: float = Field(20.0, gt=0, description="latency estimate before any call succeeded")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @property
+    def key(self) -> str:
+        return f"{self.url}|{self.model}|{self.version or ''}"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class CloudSettings(_Strict):
+    endpoints: tuple[Endpoint, ...] = ()
+    selection: Literal["latency", "priority"] = "latency"
+    per_try_timeout_ms: float = Field(1000.0, gt=0, description="cap on one attempt; the deadline may cut it shorter")
+    connect_timeout_ms: float = Field(250.0, gt=0)
+    min_attempt_ms: float = Field(2.0, ge=0, description="an attempt needs at least this much budget to start")
+    max_connections: int = Field(32, ge=1)
+    health_probe_interval_s: float = Field(0.0, ge=0, description="0 disables the background readiness probe")
+    latency_window: int = Field(50, ge=1)
+    latency_quantile: float = Field(0.9, gt=0, le=1)
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_endpoint_shorthand(cls, data):
+        # `cloud: {url: ..., model: ...}` is shorthand for one endpoint.
+        if isinstance(data, dict) and "url" in data:
+            data = dict(data)
+            ep = {k: data.pop(k) for k in list(data) if k in Endpoint.model_fields}
+            data["endpoints"] = [ep, *data.get("endpoints", ())]
+        return data
+
+
+class EdgeSettings(_Strict):
+    manifest: Optional[str] = Field(None, description="edge model manifest; default: the shipped INT8 model")
+    intra_op_threads: int = Field(1, ge=1)
+    max_pixels: int = Field(25_000_000, ge=1)
+
+
+class RoutingPolicy(_Strict):
+    mode: Mode = Mode.PREFER_EDGE
+    privacy_mode: bool = Field(False, description="local only: no escalation, no probe, no socket")
+    confidence_threshold: float = Field(0.8, ge=0, le=1)
+    class_thresholds: dict[str, float] = Field(default_factory=dict, description="per-label overrides (name or index)")
+    default_deadline_ms: float = Field(150.0, gt=0)
+    budget_reserve_ms: float = Field(3.0, ge=0, description="kept back to answer locally after a failed escalation")
+    edge: EdgeSettings = EdgeSettings()
+    cloud: CloudSettings = CloudSettings()
+    decision_log: bool = True
+    reload_check_interval_s: float = Field(1.0, ge=0, description="0 disables automatic reload on file change")
+
+    @field_validator("class_thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, t in v.items():
+            if not 0 <= float(t) <= 1:
+                raise ValueError(f"threshold for {k!r} must be within [0, 1]")
+        return v
+
+    def thresholds_for(self, labels: tuple[str, ...]) -> tuple[float, ...]:
+        """The effective threshold of each class index; keys may be label names or indices."""
+        out = [self.confidence_threshold] * len(labels)
+        for key, t in self.class_thresholds.items():
+            if key in labels:
+                out[labels.index(key)] = float(t)
+            elif str(key).isdigit() and int(key) < len(labels):
+                out[int(key)] = float(t)
+            else:
+                raise ConfigError(f"class_thresholds: {key!r} is neither a label of the edge model nor an index")
+        return tuple(out)
+
+    def with_overrides(self, **overrides) -> "RoutingPolicy":
+        """A copy with per-call overrides (None values ignored), re-validated."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self
+        try:
+            return RoutingPolicy.model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError(_format(exc, "arguments")) from None
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_policy(data: object, source: str = "<policy>") -> RoutingPolicy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the policy must be a mapping, got {type(data).__name__}")
+    try:
+        return RoutingPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load_policy(path: str | os.PathLike | None = None) -> RoutingPolicy:
+    """Read and validate a policy YAML file (default ``config/policy.yaml``)."""
+    path = Path(path or os.environ.get("HYBRID_ROUTER_POLICY") or DEFAULT_POLICY_PATH)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: policy file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read policy ({exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    return parse_policy(data, str(path))

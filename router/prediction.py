@@ -1,0 +1,57 @@
+"""What ``predict()`` returns: the answer, which side gave it, and why."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Reason(str, Enum):
+    CONFIDENT = "confident"  # edge: calibrated confidence reached the threshold
+    LOW_CONFIDENCE = "low_confidence"  # cloud: the edge was unsure
+    PRIVACY = "privacy"  # edge: privacy forbids the network
+    OFFLINE = "offline"  # edge: no endpoint configured, or the readiness probe says none is ready
+    BREAKER_OPEN = "breaker_open"  # edge: every endpoint's circuit breaker is open
+    BUDGET = "budget"  # edge: the estimated cloud latency does not fit the remaining budget
+    EDGE_ERROR = "edge_error"  # cloud: the edge model failed
+    CLOUD_ERROR = "cloud_error"  # edge: the escalation failed within the deadline
+    MODE = "mode"  # where the routing mode puts it (edge_only, prefer_cloud, cloud_only)
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    edge_ms: float = 0.0
+    cloud_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class EdgeOpinion(BaseModel):
+    """The edge's own answer, kept for audit when the cloud answered."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    label: str
+    class_index: int
+    confidence: float
+    model_version: str
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: list[float]
+    source: Literal["edge", "cloud"]
+    reason: Reason
+    fallback: bool = False  # the side the policy chose for this request failed or was unreachable
+    model_version: str
+    timings: Timings
+    attempts: int = 0  # cloud attempts made (0 when the request never left the device)
+    request_id: str
+    endpoint: Optional[str] = None  # which cloud endpoint answered
+    edge: Optional[EdgeOpinion] = None

@@ -1,0 +1,99 @@
+"""Router telemetry: counters and latency histograms per source and reason, and one structured
+decision log line per request (logger ``router.decision``) that never carries the payload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from bisect import bisect_left
+from collections import Counter
+
+from router.prediction import Prediction
+
+decision_log = logging.getLogger("router.decision")
+
+# Upper bounds in milliseconds (Prometheus-style cumulative buckets are derived on export).
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
+
+
+class Histogram:
+    def __init__(self, bounds=LATENCY_BUCKETS_MS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.n += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the q-quantile (coarse, for dashboards)."""
+        if not self.n:
+            return 0.0
+        target, seen = q * self.n, 0
+        for bound, count in zip(self.bounds, self.counts):
+            seen += count
+            if seen >= target:
+                return bound
+        return self.bounds[-1]
+
+    def snapshot(self) -> dict:
+        return {
+            "count": self.n,
+            "mean_ms": self.sum / self.n if self.n else 0.0,
+            "p50_ms_le": self.quantile(0.5),
+            "p99_ms_le": self.quantile(0.99),
+            "buckets_ms": {str(b): c for b, c in zip(self.bounds, self.counts) if c},
+        }
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_source_reason: Counter[tuple[str, str]] = Counter()
+        self.latency: dict[str, Histogram] = {"edge": Histogram(), "cloud": Histogram()}
+        self.requests = 0
+        self.fallbacks = 0
+        self.failures: Counter[str] = Counter()
+        self.cloud_attempts = 0
+        self.bytes_sent = 0
+
+    def record(self, predictions: list[Prediction], attempts: int, bytes_sent: int, log: bool) -> None:
+        with self._lock:
+            self.cloud_attempts += attempts
+            self.bytes_sent += bytes_sent
+            for p in predictions:
+                self.requests += 1
+                self.by_source_reason[(p.source, p.reason.value)] += 1
+                self.latency[p.source].observe(p.timings.total_ms)
+                self.fallbacks += p.fallback
+        if log and decision_log.isEnabledFor(logging.INFO):
+            for p in predictions:
+                decision_log.info(json.dumps({
+                    "request_id": p.request_id, "source": p.source, "reason": p.reason.value,
+                    "fallback": p.fallback, "label": p.label, "confidence": round(p.confidence, 4),
+                    "attempts": p.attempts, "endpoint": p.endpoint, "edge_ms": round(p.timings.edge_ms, 3),
+                    "cloud_ms": round(p.timings.cloud_ms, 3), "total_ms": round(p.timings.total_ms, 3),
+                }))
+
+    def record_failure(self, exc: BaseException, attempts: int = 0) -> None:
+        with self._lock:
+            self.failures[type(exc).__name__] += 1
+            self.cloud_attempts += attempts
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            cloud = sum(c for (s, _), c in self.by_source_reason.items() if s == "cloud")
+            return {
+                "requests": self.requests,
+                "escalation_rate": cloud / self.requests if self.requests else 0.0,
+                "fallbacks": self.fallbacks,
+                "by_source_reason": {f"{s}/{r}": c for (s, r), c in sorted(self.by_source_reason.items())},
+                "failures": dict(self.failures),
+                "cloud_attempts": self.cloud_attempts,
+                "bytes_sent": self.bytes_sent,
+                "latency": {k: h.snapshot() for k, h in self.latency.items()},
+            }
