@@ -1,0 +1,138 @@
+"""``hybrid-router serve`` / ``python -m cloud_service``: run the cloud service under uvicorn.
+
+Examples::
+
+    hybrid-router serve                                   # defaults: 127.0.0.1:8000, batching on
+    hybrid-router serve --config config/cloud.yaml --port 9000
+    hybrid-router serve --check                           # validate and print the settings, then exit
+    HYBRID_CLOUD__BATCHING__MAX_BATCH_SIZE=16 hybrid-router serve
+    hybrid-router serve --engine ray --autoscale 1,4      # Ray Serve (needs the ray extra)
+
+Exit codes: 0 clean shutdown, 2 bad settings or arguments, 3 start-up failed (e.g. the model
+could not be loaded -- the log says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+from pathlib import Path
+
+STARTUP_FAILURE = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML settings file (default: $HYBRID_CLOUD_CONFIG, else built-in defaults)")
+    parser.add_argument("--host", default=None, help="bind address (default from settings: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="bind port (default from settings: 8000)")
+    parser.add_argument("--workers", type=int, default=None, help="uvicorn worker processes")
+    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--fd", type=int, default=None,
+                        help="serve on this inherited, already bound listening socket instead of --host/--port")
+    parser.add_argument("--check", action="store_true", help="validate the settings, print them (keys hidden), exit")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: uvicorn in this process (default); ray: Ray Serve deployment")
+    ray = parser.add_argument_group("Ray Serve engine (--engine ray)")
+    ray.add_argument("--replicas", type=int, default=None, help="fixed number of replicas")
+    ray.add_argument("--autoscale", default=None, metavar="MIN,MAX", help="autoscale between MIN and MAX replicas")
+    ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+
+
+def resolve_settings(args: argparse.Namespace):
+    """Settings from file + environment + these arguments; :class:`SettingsError` names the source."""
+    from cloud_service.settings import SettingsError, apply_overrides, load_settings
+
+    settings = load_settings(args.config)
+    lo = hi = None
+    if getattr(args, "autoscale", None):
+        parts = args.autoscale.split(",")
+        try:
+            lo, hi = (int(p) for p in parts)
+        except ValueError:
+            raise SettingsError(f"option --autoscale: expected MIN,MAX (two integers), got {args.autoscale!r}") from None
+    return apply_overrides(settings, {
+        "server.host": ("--host", args.host),
+        "server.port": ("--port", args.port),
+        "server.workers": ("--workers", args.workers),
+        "server.log_level": ("--log-level", args.log_level),
+        "ray.replicas": ("--replicas", getattr(args, "replicas", None)),
+        "ray.autoscale_min_replicas": ("--autoscale", lo),
+        "ray.autoscale_max_replicas": ("--autoscale", hi),
+        "ray.address": ("--address", getattr(args, "address", None)),
+    })
+
+
+def run(args: argparse.Namespace) -> int:
+    from cloud_service.settings import SettingsError
+
+    try:
+        settings = resolve_settings(args)
+        if args.check:
+            print(settings.model_dump_json(indent=2))  # SecretStr prints as '**********'
+            settings.auth.resolve_keys(os.environ)
+            return 0
+    except SettingsError as exc:
+        print(f"hybrid-router serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if args.engine == "ray":
+        try:
+            from cloud_service import ray_serve
+        except ImportError as exc:
+            print(f"hybrid-router serve: the Ray engine is unavailable ({exc}); install the 'ray' extra",
+                  file=sys.stderr)
+            return 2
+        return int(ray_serve.run(settings, args) or 0)
+    return serve(settings, fd=args.fd)
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging config plus our ``cloud_service`` loggers on the same handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["cloud_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def serve(settings, fd: int | None = None) -> int:
+    """Run uvicorn with ``settings`` until SIGINT/SIGTERM; graceful shutdown lets in-flight requests finish."""
+    import uvicorn
+
+    from cloud_service.settings import SETTINGS_JSON_ENV, SettingsError
+
+    s = settings.server
+    common = dict(
+        host=s.host, port=s.port, fd=fd, log_level=s.log_level, log_config=log_config(s.log_level),
+        access_log=s.access_log, timeout_graceful_shutdown=s.graceful_timeout_s, server_header=False,
+        lifespan="on",
+    )
+    if s.workers > 1:
+        # Each worker process builds its own app (and loads the model) from the resolved settings.
+        os.environ[SETTINGS_JSON_ENV] = settings.to_json()
+        uvicorn.run("cloud_service.app:create_app_from_environment", factory=True, workers=s.workers, **common)
+        return 0
+    from cloud_service.app import create_app
+
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        print(f"hybrid-router serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(uvicorn.Config(app, **common))
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits on start-up failure (lifespan error, bind error)
+        logging.getLogger("cloud_service").error("start-up failed (exit %s)", exc.code)
+        return STARTUP_FAILURE
+    return 0 if server.started else STARTUP_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloud_service",
+                                     description="Run the cloud inference service (Open Inference Protocol v2).")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

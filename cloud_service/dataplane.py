@@ -1,0 +1,305 @@
+"""The data plane: served models, their metadata, and inference -- no HTTP in here.
+
+``DataPlane`` owns a registry of served models (one today: the FP32 cloud classifier named by
+``settings.model``), each an :class:`edge_model.runtime.OnnxClassifier` behind a
+:class:`~cloud_service.batching.DynamicBatcher`. It speaks the protocol types of
+:mod:`cloud_service.protocol` and raises the typed errors of :mod:`cloud_service.errors`; the
+app maps those to HTTP in one table. Foreign errors (``ProtocolError``, ``edge_model`` input
+errors, onnxruntime failures) are translated here, where they enter.
+
+Model input as served (Open Inference Protocol metadata):
+
+* ``input`` ``FP32 [-1, 1, 28, 28]`` -- normalised exactly as in training, or
+* the same tensor as ``UINT8`` raw pixels ``[N, 1, 28, 28]`` or ``[N, 28, 28]`` (4x smaller on the
+  wire; normalised here with the shared preprocessing). FP32 also accepts ``[N, 28, 28]``.
+  The metadata advertises this in the input's ``parameters``.
+
+Outputs: ``probabilities`` ``FP32 [-1, 10]`` (temperature-calibrated softmax) and ``logits``
+``FP32 [-1, 10]`` (raw). Without ``outputs`` in the request both are returned, as the protocol
+says; name one to get only that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from cloud_service import protocol
+from cloud_service.batching import DynamicBatcher, unbatched
+from cloud_service.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from cloud_service.metrics import ServiceMetrics
+from cloud_service.protocol import InferenceRequest, InferenceResponse, ProtocolError
+from cloud_service.settings import ServiceSettings
+
+log = logging.getLogger("cloud_service.dataplane")
+
+SERVER_NAME = "hybrid-router-cloud"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "classification_v1"]  # classification_v1: our POST /v1/classify
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_LOGITS = "logits"
+OUTPUTS = (OUTPUT_PROBABILITIES, OUTPUT_LOGITS)
+ACCEPTED_DATATYPES = ("FP32", "UINT8")
+# Requests bigger than this are decoded in a thread rather than on the event loop.
+_OFFLOAD_ELEMENTS = 64 * 784
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: list[float]
+    model_name: str
+    model_version: str
+
+
+class ServedModel:
+    """One loaded classifier and its batcher."""
+
+    def __init__(self, name: str, classifier, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        from edge_model.preprocess import normalise
+
+        self.name = name
+        self.classifier = classifier
+        self.version = str(classifier.version)
+        self.labels = tuple(classifier.labels)
+        self.input_name = classifier.input_name
+        self.height, self.width = classifier.input_shape
+        self._normalise = normalise
+        self._inv_t = np.float32(1.0 / classifier.temperature)
+        self.ready = False
+        b, rt = settings.batching, settings.runtime
+        model_metrics = metrics.model(name)
+        if b.enabled:
+            self.batcher = DynamicBatcher(
+                self._execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
+                max_queue_size=b.max_queue_size, instances=rt.instances, metrics=model_metrics, name=name,
+            )
+        else:
+            self.batcher = unbatched(self._execute, max_queue_size=b.max_queue_size, instances=rt.instances,
+                                     metrics=model_metrics, name=name)
+
+    # Runs on a worker thread: one ONNX Runtime call per batch, both outputs from it.
+    def _execute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.classifier.logits(x)
+        z = logits * self._inv_t
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z, logits
+
+    def metadata(self) -> protocol.ModelMetadataResponse:
+        n = len(self.labels)
+        return protocol.ModelMetadataResponse(
+            name=self.name,
+            versions=[self.version],
+            platform=protocol.PLATFORM_ONNX,
+            inputs=[protocol.MetadataTensor(name=self.input_name, datatype="FP32", shape=[-1, 1, self.height, self.width])],
+            outputs=[
+                protocol.MetadataTensor(name=OUTPUT_PROBABILITIES, datatype="FP32", shape=[-1, n]),
+                protocol.MetadataTensor(name=OUTPUT_LOGITS, datatype="FP32", shape=[-1, n]),
+            ],
+        )
+
+    def metadata_dict(self) -> dict:
+        """Protocol metadata plus what a strict v2 schema has no field for (extra fields are allowed)."""
+        data = self.metadata().model_dump(exclude_none=True)
+        data["inputs"][0]["parameters"] = {
+            "accepted_datatypes": ",".join(ACCEPTED_DATATYPES),
+            "uint8_shapes": f"[-1,1,{self.height},{self.width}] or [-1,{self.height},{self.width}] raw pixels 0-255",
+        }
+        data["parameters"] = {"labels": ",".join(self.labels), "output_probabilities": "temperature-calibrated softmax"}
+        return data
+
+    # -- request decoding (pure; may run on a worker thread) --------------------------------
+    def decode(self, request: InferenceRequest) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Request -> normalised ``float32 [N, 1, H, W]`` and the output names to return."""
+        if len(request.inputs) != 1:
+            raise InvalidRequest(f"expected exactly 1 input named {self.input_name!r}, got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        if tensor.name != self.input_name:
+            raise InvalidRequest(f"unknown input {tensor.name!r}; this model's input is {self.input_name!r}")
+        if tensor.datatype not in ACCEPTED_DATATYPES:
+            raise InvalidRequest(f"input {tensor.name!r}: datatype {tensor.datatype!r} not accepted; use FP32 or UINT8")
+        h, w = self.height, self.width
+        shape = list(tensor.shape)
+        if not (len(shape) == 4 and shape[1:] == [1, h, w]) and not (len(shape) == 3 and shape[1:] == [h, w]):
+            raise InvalidRequest(f"input {tensor.name!r}: shape {shape} not accepted; use [N, 1, {h}, {w}] or [N, {h}, {w}]")
+        if shape[0] < 1:
+            raise InvalidRequest(f"input {tensor.name!r}: batch dimension must be >= 1, got {shape[0]}")
+        try:
+            arr = protocol.decode_tensor(tensor)
+        except ProtocolError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if tensor.datatype == "UINT8":
+            x = self._normalise(arr, self.classifier.preprocess_config)
+        else:
+            if not np.isfinite(arr).all():
+                raise InvalidRequest(f"input {tensor.name!r}: FP32 data contains NaN or infinite values")
+            x = arr
+        x = np.ascontiguousarray(x.reshape(shape[0], 1, h, w), dtype=np.float32)
+        outputs = OUTPUTS
+        if request.outputs:
+            names = [o.name for o in request.outputs]
+            unknown = [n for n in names if n not in OUTPUTS]
+            if unknown:
+                raise InvalidRequest(f"unknown output {unknown[0]!r}; this model's outputs are {list(OUTPUTS)}")
+            outputs = tuple(dict.fromkeys(names))
+        return x, outputs
+
+    def encode(self, request: InferenceRequest, outputs: tuple[str, ...], result: tuple[np.ndarray, np.ndarray]) -> InferenceResponse:
+        """The response with each output's ``data`` as a numpy array (``cloud_service.wire`` renders it)."""
+        probs, logits = result
+        by_name = {OUTPUT_PROBABILITIES: probs, OUTPUT_LOGITS: logits}
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version,
+            id=request.id,
+            outputs=[
+                protocol.ResponseOutput(name=name, shape=list(by_name[name].shape), datatype="FP32", data=by_name[name])
+                for name in outputs
+            ],
+        )
+
+
+class DataPlane:
+    """Model registry + inference. ``await start()`` loads and warms up; ``await stop()`` drains."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+        self._ready = False
+        self._closing = False
+        limits = settings.limits
+        self._max_pixels = limits.max_pixels
+        self._max_bytes = limits.max_body_bytes
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the model (off the loop), warm it up, start its batcher; then ready."""
+        from edge_model.runtime import OnnxClassifier, SessionOptions
+
+        cfg = self.settings.model
+        rt = self.settings.runtime
+        options = SessionOptions(intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
+                                 warmup_runs=rt.warmup_runs)
+        t0 = time.monotonic()
+        classifier = await asyncio.to_thread(OnnxClassifier, cfg.manifest, options)
+        model = ServedModel(cfg.name, classifier, self.settings, self.metrics)
+        # Warm up the batch sizes the batcher will use, so the first burst pays no allocation cost.
+        warm = np.zeros((min(self.settings.batching.max_batch_size, 64), 1, model.height, model.width), np.float32)
+        await asyncio.to_thread(model._execute, warm)
+        model.batcher.start()
+        model.ready = True
+        self._models[model.name] = model
+        self.metrics.model_ready.labels(model.name, model.version).set(1)
+        self._ready = True
+        log.info("model %s version %s ready in %.2fs (%s, batching %s, intra_op_threads=%d, instances=%d)",
+                 model.name, model.version, time.monotonic() - t0, cfg.manifest.name,
+                 "on" if self.settings.batching.enabled else "off", rt.intra_op_threads, rt.instances)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        self._ready = False
+        for model in self._models.values():
+            model.ready = False
+            self.metrics.model_ready.labels(model.name, model.version).set(0)
+            await model.batcher.stop(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closing
+
+    # ------------------------------------------------------------------ metadata
+    def server_metadata(self) -> protocol.ServerMetadataResponse:
+        return protocol.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+
+    def model(self, name: str, version: Optional[str] = None) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            if not self._ready and name == self.settings.model.name:
+                raise Unavailable("the model is still loading")
+            raise ModelNotFound(f"unknown model {name!r}")
+        if version is not None and version != model.version:
+            raise ModelNotFound(f"model {name!r} has no version {version!r} (serving {model.version!r})")
+        return model
+
+    def model_ready(self, name: str, version: Optional[str] = None) -> bool:
+        return self.model(name, version).ready and self.ready
+
+    def default_model(self) -> ServedModel:
+        return self.model(self.settings.model.name)
+
+    # ------------------------------------------------------------------ inference
+    def deadline_for(self, budget_s: Optional[float], arrived: float) -> Optional[float]:
+        if budget_s is None:
+            ms = self.settings.batching.default_timeout_ms
+            budget_s = None if ms is None else ms / 1000.0
+        return None if budget_s is None else arrived + budget_s
+
+    async def infer(self, name: str, version: Optional[str], request: InferenceRequest,
+                    deadline: Optional[float] = None) -> InferenceResponse:
+        """One v2 inference request (any batch size) -> response (``data`` as numpy arrays); typed errors only."""
+        model = self.model(name, version)
+        if not model.ready:
+            raise Unavailable("the model is not ready")
+        big = _element_count(request) > _OFFLOAD_ELEMENTS
+        x, outputs = await asyncio.to_thread(model.decode, request) if big else model.decode(request)
+        _check_deadline(deadline)
+        result = await model.batcher.submit(x, deadline)
+        return model.encode(request, outputs, result)
+
+    async def classify(self, image: bytes, deadline: Optional[float] = None) -> Classification:
+        """An encoded image (PNG, JPEG, ...) through the shared preprocessing -> top class."""
+        model = self.default_model()
+        if not model.ready:
+            raise Unavailable("the model is not ready")
+        x = await asyncio.to_thread(self._preprocess, model, image)
+        _check_deadline(deadline)
+        probs, _ = await model.batcher.submit(x, deadline)
+        p = probs[0]
+        k = int(np.argmax(p))
+        return Classification(label=model.labels[k], class_index=k, confidence=float(p[k]),
+                              probabilities=[float(v) for v in p], model_name=model.name, model_version=model.version)
+
+    def _preprocess(self, model: ServedModel, image: bytes) -> np.ndarray:
+        from dataclasses import replace
+
+        from edge_model.errors import ImageTooLarge, InputError
+        from edge_model.preprocess import preprocess
+
+        config = replace(model.classifier.preprocess_config, max_pixels=self._max_pixels, max_bytes=self._max_bytes)
+        try:
+            return preprocess(image, config)[None]
+        except ImageTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        except InputError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+
+def _check_deadline(deadline: Optional[float]) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's budget ran out before it was queued")
+
+
+def _element_count(request: InferenceRequest) -> int:
+    total = 0
+    for t in request.inputs:
+        n = 1
+        for d in t.shape:
+            n *= d if isinstance(d, int) and d > 0 else 1
+        total += n
+    return total

@@ -1,0 +1,90 @@
+"""Prometheus metrics of one service instance, on its own ``CollectorRegistry`` (never the global one).
+
+Names follow Triton's where there is an equivalent: ``inference_count`` (rows computed) over
+``execution_count`` (ONNX Runtime calls) is the average batch size, as with Triton's
+``nv_inference_count`` / ``nv_inference_exec_count``.
+
+With ``server.workers > 1`` every uvicorn worker process has its own registry, so a scrape
+sees one worker; use one worker per container (or the Ray engine) when exact totals matter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "hybrid_cloud"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class ServiceMetrics:
+    """All metrics of one app; ``render()`` gives the exposition text."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests by route template and status code", ["endpoint", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            f"{PREFIX}_request_duration_seconds", "HTTP request latency by route template", ["endpoint"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.queue_time = Histogram(
+            f"{PREFIX}_queue_duration_seconds", "time a request waited in the batch queue before execution", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_time = Histogram(
+            f"{PREFIX}_compute_duration_seconds", "ONNX Runtime time of one execution (batch)", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "rows per ONNX Runtime execution", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference_count = Counter(
+            f"{PREFIX}_inference_count", "rows (images) computed", ["model"], registry=r
+        )
+        self.execution_count = Counter(
+            f"{PREFIX}_execution_count", "ONNX Runtime executions (batches)", ["model"], registry=r
+        )
+        self.request_count = Counter(
+            f"{PREFIX}_inference_requests", "inference requests computed successfully", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "requests waiting in the batch queue", ["model"], registry=r)
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests", "requests refused before queueing (queue full, shutting down)",
+            ["model", "reason"], registry=r,
+        )
+        self.expired = Counter(
+            f"{PREFIX}_expired_requests", "requests whose budget ran out while queued (answered 504, not computed)",
+            ["model"], registry=r,
+        )
+        self.failures = Counter(f"{PREFIX}_inference_failures", "executions onnxruntime failed", ["model"], registry=r)
+        self.model_ready = Gauge(f"{PREFIX}_model_ready", "1 when the model is loaded and warmed up", ["model", "version"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def model(self, name: str) -> "ModelMetrics":
+        return ModelMetrics(self, name)
+
+
+class ModelMetrics:
+    """The per-model children, resolved once (label lookup is not free on the hot path)."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str) -> None:
+        self.queue_time = metrics.queue_time.labels(model)
+        self.compute_time = metrics.compute_time.labels(model)
+        self.batch_size = metrics.batch_size.labels(model)
+        self.inference_count = metrics.inference_count.labels(model)
+        self.execution_count = metrics.execution_count.labels(model)
+        self.request_count = metrics.request_count.labels(model)
+        self.queue_depth = metrics.queue_depth.labels(model)
+        self.rejected_full = metrics.rejected.labels(model, "queue_full")
+        self.rejected_closed = metrics.rejected.labels(model, "shutting_down")
+        self.expired = metrics.expired.labels(model)
+        self.failures = metrics.failures.labels(model)
