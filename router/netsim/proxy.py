@@ -54,7 +54,8 @@ class ProxyStats:
     connections_active: int
     upstream_connect_failures: int
     resets_injected: int
-    losses_injected: int
+    losses_injected: int          # lost segments, incl. lost retransmissions
+    chunks_delayed_by_loss: int
     chunks_forwarded: int
     bytes_to_upstream: int
     bytes_to_client: int
@@ -66,6 +67,7 @@ class _Counters:
     upstream_failures: int = 0
     resets: int = 0
     losses: int = 0
+    lossy_chunks: int = 0
     chunks: int = 0
     up_bytes: int = 0
     down_bytes: int = 0
@@ -150,9 +152,11 @@ class NetworkProxy(LoopService):
         def snapshot() -> ProxyStats:
             n = self._n
             return ProxyStats(mode=self._mode.value, profile=self._profile.name,
-                              connections_accepted=n.accepted, connections_active=len(self._conns),
+                              connections_accepted=n.accepted,
+                              connections_active=sum(1 for c in self._conns if not c.closed),
                               upstream_connect_failures=n.upstream_failures, resets_injected=n.resets,
-                              losses_injected=n.losses, chunks_forwarded=n.chunks,
+                              losses_injected=n.losses, chunks_delayed_by_loss=n.lossy_chunks,
+                              chunks_forwarded=n.chunks,
                               bytes_to_upstream=n.up_bytes, bytes_to_client=n.down_bytes)
         if self.running:
             return self._call(snapshot)
@@ -305,7 +309,9 @@ class NetworkProxy(LoopService):
                     self._abort(conn)
                     break
                 d = link.schedule(len(data), loop.time(), extra)
-                self._n.losses += d.losses
+                if d.losses:
+                    self._n.losses += d.losses
+                    self._n.lossy_chunks += 1
                 await queue.put((d.at, data))
             if not (conn.closed or conn.frozen):
                 await deliver  # the remaining chunks and the FIN, on schedule
