@@ -1,0 +1,117 @@
+"""The whole pipeline on a small subset: train -> export ONNX -> quantize INT8 -> calibrate -> load -> predict.
+
+Needs the ``train`` extra (torch, onnx) and the Debian Fashion-MNIST training files.
+The pipeline is real; only the evaluation splits are cut to their first images
+(``edge_model.train.run`` scores every artifact on the whole validation and test splits,
+which would take most of the time here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from edge_model import data
+from edge_model.manifest import Manifest, sha256_file
+from edge_model.preprocess import preprocess_batch
+from edge_model.runtime import OnnxClassifier, SessionOptions
+
+_missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
+_train_files = [data.DEBIAN_DIR / f"train-{k}-ubyte.gz" for k in ("images-idx3", "labels-idx1")]
+
+pytestmark = [
+    pytest.mark.train,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(bool(_missing), reason=f"the train extra is not installed (missing: {', '.join(_missing)})"),
+    pytest.mark.skipif(
+        not all(p.is_file() for p in _train_files),
+        reason=f"Fashion-MNIST training files not found in {data.DEBIAN_DIR} (Debian package dataset-fashion-mnist)",
+    ),
+]
+
+EVAL_IMAGES = 600
+
+
+@pytest.fixture(scope="module")
+def small_eval_splits():
+    test, val = data.load_test, data.load_validation
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_test", lambda: test().head(EVAL_IMAGES))
+        mp.setattr(data, "load_validation", lambda: val().head(EVAL_IMAGES))
+        yield
+
+
+@pytest.fixture(scope="module")
+def edge_run(tmp_path_factory, small_eval_splits):
+    from edge_model import train
+
+    out = tmp_path_factory.mktemp("edge")
+    manifest = train.run("edge", epochs=1, train_limit=2000, out=out, version="test-edge", log=lambda _: None)
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def cloud_run(tmp_path_factory, small_eval_splits):
+    from edge_model import train
+
+    out = tmp_path_factory.mktemp("cloud")
+    manifest = train.run("cloud", epochs=1, train_limit=384, out=out, version="test-cloud", log=lambda _: None)
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def eval_inputs():
+    split = data.load_test().head(EVAL_IMAGES)  # the real loader: this fixture does not use the patch
+    return preprocess_batch(split.images), split.labels
+
+
+def _check_artifact(manifest_path, eval_inputs) -> OnnxClassifier:
+    m = Manifest.load(manifest_path)
+    onnx = manifest_path.parent / m.file
+    assert m.sha256 == sha256_file(onnx)
+    assert m.labels == list(data.LABELS) and m.temperature > 0 and m.input.shape == [-1, 1, 28, 28]
+    model = OnnxClassifier(manifest_path, SessionOptions(warmup_runs=1))  # verifies the sha256 again
+    assert model.session.get_inputs()[0].shape[0] not in (1, None)  # a named dynamic batch axis
+    x, labels = eval_inputs
+    whole = model.predict_proba(x[:7])
+    one = model.predict_proba(x[:1])
+    assert one.shape == (1, 10) and whole.shape == (7, 10)
+    np.testing.assert_allclose(one[0], whole[0], atol=1e-5)
+    np.testing.assert_allclose(whole.sum(1), 1.0, atol=1e-5)
+    # The runtime with the shared preprocessing reproduces the accuracy training recorded.
+    accuracy = float((model.predict_proba(x).argmax(1) == labels).mean())
+    assert abs(accuracy - m.metrics["test"]["accuracy"]) <= 0.005
+    return model
+
+
+def test_edge_pipeline(edge_run, eval_inputs):
+    import onnx
+
+    out, manifest = edge_run
+    assert manifest.precision == "int8" and manifest.twin == "edge-fp32.onnx"
+    assert manifest.recipe["epochs"] == 1 and manifest.recipe["train_images"] == 2000
+    int8 = _check_artifact(out / "edge-int8.json", eval_inputs)
+    fp32 = _check_artifact(out / "edge-fp32.json", eval_inputs)
+
+    int8_bytes, fp32_bytes = (out / "edge-int8.onnx").stat().st_size, (out / "edge-fp32.onnx").stat().st_size
+    assert int8_bytes < fp32_bytes
+    ops = {node.op_type for node in onnx.load(str(out / "edge-int8.onnx")).graph.node}
+    assert {"QLinearConv", "QuantizeLinear"} <= ops, ops  # static quantization, QOperator format
+    assert not list(out.glob("*.pre.onnx"))  # the intermediate is cleaned up
+
+    x, labels = eval_inputs
+    for model in (int8, fp32):
+        accuracy = float((model.predict_proba(x).argmax(1) == labels).mean())
+        assert accuracy > 0.3, f"{model.manifest.precision}: {accuracy:.3f} is not above chance (0.1)"
+    agree = (int8.predict_proba(x).argmax(1) == fp32.predict_proba(x).argmax(1)).mean()
+    assert agree > 0.8  # quantization keeps the network's answers
+
+
+def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
+    out, manifest = cloud_run
+    assert manifest.precision == "fp32" and manifest.twin is None
+    assert sorted(p.name for p in out.iterdir()) == ["cloud-fp32.json", "cloud-fp32.onnx"]
+    _check_artifact(out / "cloud-fp32.json", eval_inputs)
+    assert edge_run[1].flops * 10 < manifest.flops  # the edge network is an order of magnitude cheaper
