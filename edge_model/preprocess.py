@@ -124,9 +124,9 @@ def _float_input(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 
 def _array_pixels(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    if arr.dtype == np.uint16:
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # uint16 of either byte order
         arr = (arr // 257).astype(np.uint8)
-    elif arr.dtype != np.uint8:
+    elif arr.dtype.kind != "u" or arr.dtype.itemsize != 1:
         raise ArrayInputError(f"pixel arrays must be uint8 (or uint16); got {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]

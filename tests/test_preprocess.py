@@ -228,6 +228,7 @@ def test_sixteen_bit_png_uses_the_full_range():
 
 def test_uint16_array_is_scaled(sample):
     np.testing.assert_array_equal(to_pixels(sample.astype(np.uint16) * 257), sample)
+    np.testing.assert_array_equal(to_pixels((sample.astype(np.uint16) * 257).astype(">u2")), sample)
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (28, 28, 3), (28, 28, 4)])
