@@ -83,8 +83,11 @@ def error_response(exc: ServiceError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="hybrid-router-cloud"'
+    # Messages are payload-free by construction (see cloud_service.errors), so they may be logged.
     if status >= 500:
         log.warning("%d %s: %s", status, type(exc).__name__, exc.message)
+    else:
+        log.debug("%d %s: %s", status, type(exc).__name__, exc.message)
     return JSONResponse({"error": exc.message}, status_code=status, headers=headers)
 
 

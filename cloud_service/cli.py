@@ -94,6 +94,8 @@ def log_config(level: str) -> dict:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["default"]["fmt"] = "%(asctime)s %(levelprefix)s %(message)s"
+    config["formatters"]["access"]["fmt"] = '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
     config["loggers"]["cloud_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     return config
 

@@ -120,7 +120,11 @@ class ServedModel:
             "accepted_datatypes": ",".join(ACCEPTED_DATATYPES),
             "uint8_shapes": f"[-1,1,{self.height},{self.width}] or [-1,{self.height},{self.width}] raw pixels 0-255",
         }
-        data["parameters"] = {"labels": ",".join(self.labels), "output_probabilities": "temperature-calibrated softmax"}
+        data["parameters"] = {
+            "accepts_uint8_pixels": True,  # the router's v2 client looks for this to send compact UINT8
+            "labels": ",".join(self.labels),
+            "probabilities": "temperature-calibrated softmax",
+        }
         return data
 
     # -- request decoding (pure; may run on a worker thread) --------------------------------

@@ -1,0 +1,251 @@
+"""The dynamic batcher on its own, with a fake ``execute`` (unit tests; the service tests use the real model).
+
+``execute`` here returns ``(x * 2, row sums)`` so each caller can check it got its own rows back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cloud_service.batching import DynamicBatcher, unbatched
+from cloud_service.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
+from cloud_service.metrics import ServiceMetrics
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    """A fake model: records every call (rows, thread) and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.threads: set[int] = set()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.fail = False
+        self.barrier: threading.Barrier | None = None
+
+    def __call__(self, x: np.ndarray):
+        self.threads.add(threading.get_ident())
+        if self.barrier is not None:
+            self.barrier.wait()
+        self.hold.wait(10)
+        if self.fail:
+            raise RuntimeError("onnxruntime exploded")
+        self.calls.append(len(x))
+        return x * 2, x.reshape(len(x), -1).sum(axis=1)
+
+
+def rows(n: int, start: int = 0) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def make(fake: Recorder, **kwargs) -> tuple[DynamicBatcher, ServiceMetrics]:
+    metrics = ServiceMetrics()
+    kwargs.setdefault("max_batch_size", 32)
+    kwargs.setdefault("max_queue_delay_s", 0.05)
+    return DynamicBatcher(fake, metrics=metrics.model("m"), name="m", **kwargs), metrics
+
+
+def sample(metrics: ServiceMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, {"model": "m", **labels}) or 0.0
+
+
+def test_concurrent_requests_share_one_execution_and_get_their_own_rows():
+    fake = Recorder()
+
+    async def main():
+        b, m = make(fake, max_queue_delay_s=0.2)
+        b.start()
+        loop_thread = threading.get_ident()
+        results = await asyncio.gather(*(b.submit(rows(1 + i % 3, start=10 * i)) for i in range(8)))
+        await b.stop()
+        return results, m, loop_thread
+
+    results, m, loop_thread = run(main())
+    assert fake.calls == [sum(1 + i % 3 for i in range(8))]  # one execution
+    for i, (doubled, sums) in enumerate(results):
+        n = 1 + i % 3
+        np.testing.assert_array_equal(doubled, rows(n, 10 * i) * 2)
+        np.testing.assert_array_equal(sums, rows(n, 10 * i).ravel())
+    assert loop_thread not in fake.threads  # never on the event loop
+    assert sample(m, "hybrid_cloud_execution_count_total") == 1
+    assert sample(m, "hybrid_cloud_inference_count_total") == 15
+    assert sample(m, "hybrid_cloud_inference_requests_total") == 8
+
+
+def test_full_batch_dispatches_without_waiting_for_the_delay():
+    fake = Recorder()
+
+    async def main():
+        b, _ = make(fake, max_batch_size=4, max_queue_delay_s=30.0)
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit(rows(1, i))) for i in range(10)]
+        done, pending = await asyncio.wait(tasks[:8], timeout=5)  # two full batches: no 30 s wait
+        assert len(done) == 8 and not pending
+        assert not any(t.done() for t in tasks[8:])  # the partial third batch waits for the delay
+        await b.stop()  # ... or for shutdown, which computes it now
+        assert all(t.done() and t.exception() is None for t in tasks)
+
+    run(main())
+    assert fake.calls == [4, 4, 2]
+
+
+def test_request_larger_than_max_batch_runs_alone():
+    fake = Recorder()
+
+    async def main():
+        b, _ = make(fake, max_batch_size=4, max_queue_delay_s=0.0)
+        b.start()
+        out = await b.submit(rows(9))
+        await b.stop()
+        return out
+
+    doubled, _ = run(main())
+    assert fake.calls == [9] and doubled.shape == (9, 1)
+
+
+def test_full_queue_sheds_with_retry_after():
+    fake = Recorder()
+
+    async def main():
+        b, m = make(fake, max_batch_size=64, max_queue_size=2, max_queue_delay_s=30.0)
+        b.start()
+        queued = [asyncio.ensure_future(b.submit(rows(1))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as info:
+            await b.submit(rows(1))
+        assert info.value.retry_after >= 1
+        assert sample(m, "hybrid_cloud_rejected_requests_total", reason="queue_full") == 1
+        assert b.queue_depth == 2
+        await b.stop()
+        await asyncio.gather(*queued)
+        with pytest.raises(Unavailable):
+            await b.submit(rows(1))  # after stop
+        assert sample(m, "hybrid_cloud_rejected_requests_total", reason="shutting_down") == 1
+
+    run(main())
+    assert fake.calls == [2]
+
+
+def test_request_expiring_in_the_queue_is_answered_at_its_deadline_and_not_computed():
+    fake = Recorder()
+
+    async def main():
+        b, m = make(fake, max_queue_delay_s=30.0)
+        b.start()
+        other = asyncio.ensure_future(b.submit(rows(1)))
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await b.submit(rows(1, 5), deadline=time.monotonic() + 0.1)
+        waited = time.monotonic() - t0
+        assert b.queue_depth == 1  # removed from the queue
+        assert sample(m, "hybrid_cloud_expired_requests_total") == 1
+        await b.stop()
+        doubled, _ = await other
+        return waited, doubled
+
+    waited, doubled = run(main())
+    assert waited < 10  # answered at its deadline, not when the 30 s batch window closed
+    assert fake.calls == [1]  # only the other request was computed
+    np.testing.assert_array_equal(doubled, rows(1) * 2)
+
+
+def test_deadline_already_past_is_refused():
+    async def main():
+        b, _ = make(Recorder())
+        b.start()
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(rows(1), deadline=time.monotonic() - 1)
+        await b.stop()
+
+    run(main())
+
+
+def test_deadline_passing_during_execution_answers_at_once():
+    fake = Recorder()
+    fake.hold.clear()
+
+    async def main():
+        b, m = make(fake, max_queue_delay_s=0.0)
+        b.start()
+        with pytest.raises(DeadlineExceeded, match="during inference"):
+            await b.submit(rows(1), deadline=time.monotonic() + 0.1)
+        fake.hold.set()
+        await b.stop()
+        return m
+
+    m = run(main())
+    assert fake.calls == [1]
+    assert sample(m, "hybrid_cloud_expired_requests_total") == 0  # it was not expired *in the queue*
+
+
+def test_failure_reaches_every_request_of_the_batch_and_the_next_batch_works():
+    fake = Recorder()
+    fake.fail = True
+
+    async def main():
+        b, m = make(fake, max_queue_delay_s=0.1)
+        b.start()
+        results = await asyncio.gather(*(b.submit(rows(1)) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, InferenceFailed) for r in results)
+        assert "exploded" not in str(results[0])  # the foreign message stays in the server log
+        fake.fail = False
+        doubled, _ = await b.submit(rows(1, 7))
+        await b.stop()
+        return doubled, m
+
+    doubled, m = run(main())
+    np.testing.assert_array_equal(doubled, rows(1, 7) * 2)
+    assert sample(m, "hybrid_cloud_inference_failures_total") == 1
+
+
+def test_cancelled_waiting_request_is_not_computed():
+    fake = Recorder()
+
+    async def main():
+        b, _ = make(fake, max_queue_delay_s=30.0)
+        b.start()
+        gone = asyncio.ensure_future(b.submit(rows(1, 3)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert b.queue_depth == 0
+        await b.stop()
+
+    run(main())
+    assert fake.calls == []
+
+
+def test_unbatched_runs_each_request_alone_on_parallel_instances():
+    fake = Recorder()
+    fake.barrier = threading.Barrier(2, timeout=10)  # both instances must be inside execute at once
+
+    async def main():
+        b = unbatched(fake, instances=2, max_queue_size=8)
+        b.start()
+        results = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(4)))
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert fake.calls == [1, 1, 1, 1]
+    assert len(fake.threads) == 2
+    for i, (doubled, _) in enumerate(results):
+        np.testing.assert_array_equal(doubled, rows(1, i) * 2)
+
+
+def test_invalid_configuration():
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=0)
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_queue_delay_s=-1)

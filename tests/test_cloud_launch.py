@@ -1,0 +1,61 @@
+"""``LocalService``: outage (kill -> connection refused), recovery on the same port, start-up failures."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from cloud_service.launch import LocalService, ServiceStartError
+from tests.support.cloud import client, infer_path, sample_pixels, v2_body
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_kill_refuses_connections_and_start_recovers_on_the_same_port(tmp_path):
+    log = tmp_path / "svc.log"
+    svc = LocalService(log_path=log)
+    try:
+        svc.start()
+        port, first_pid = svc.port, svc.pid
+        with client(svc) as c:
+            assert c.post(infer_path(), json=v2_body(sample_pixels(1))).status_code == 200
+        svc.kill()
+        assert not svc.running and svc.returncode == -9
+        with pytest.raises(httpx.ConnectError):  # refused at once, not a hang
+            httpx.get(svc.url + "/v2/health/live", timeout=5)
+        svc.start()
+        assert svc.port == port and svc.pid != first_pid
+        with client(svc) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+            assert c.post(infer_path(), json=v2_body(sample_pixels(1))).status_code == 200
+    finally:
+        svc.stop()
+    assert not svc.running
+    text = log.read_text()
+    assert text.count("LocalService start") == 2 and "Application startup complete" in text
+
+
+def test_bad_model_fails_start_with_the_log_tail(tmp_path):
+    missing = tmp_path / "nope.json"
+    svc = LocalService(overrides={"model.manifest": str(missing)}, ready_timeout=30)
+    with pytest.raises(ServiceStartError) as info:
+        svc.start()
+    assert "nope.json" in str(info.value) and "exited with code" in str(info.value)
+    assert not svc.running
+
+
+def test_invalid_settings_fail_start(tmp_path):
+    svc = LocalService(overrides={"batching.max_batch_size": 0}, ready_timeout=30)
+    with pytest.raises(ServiceStartError) as info:
+        svc.start()
+    assert "HYBRID_CLOUD__BATCHING__MAX_BATCH_SIZE" in str(info.value)
+    assert "batching.max_batch_size" in str(info.value)
+
+
+def test_start_is_idempotent_and_stop_is_safe_twice():
+    svc = LocalService()
+    with svc:
+        pid = svc.pid
+        assert svc.start() is svc and svc.pid == pid
+    assert svc.stop() == svc.returncode
+    svc.kill()  # nothing running: no error
