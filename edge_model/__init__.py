@@ -14,11 +14,12 @@ from edge_model.errors import (
     InferenceError,
     InputError,
 )
-from edge_model.preprocess import PreprocessConfig, preprocess, preprocess_batch, to_pixels
+# (``preprocess`` the function is not re-exported: it would shadow the submodule of that name.)
+from edge_model.preprocess import PreprocessConfig, preprocess_batch, to_pixels
 from edge_model.runtime import EdgeModel, OnnxClassifier, SessionOptions
 
 __all__ = [
     "LABELS", "ArrayInputError", "ArtifactError", "DatasetError", "EdgeModel", "EdgeModelError",
     "ImageDecodeError", "ImageTooLarge", "InferenceError", "InputError", "OnnxClassifier",
-    "PreprocessConfig", "SessionOptions", "preprocess", "preprocess_batch", "to_pixels",
+    "PreprocessConfig", "SessionOptions", "preprocess_batch", "to_pixels",
 ]

@@ -161,7 +161,7 @@ class Router:
                 self._edge, self._edge_error = edge, None
                 self._edge_version, self._pre = edge.version, edge.preprocess_config
             self._snap = self._snapshot(policy, {s.key: s for s in self._snap.states})
-            self._cloud.settings = policy.cloud
+            self._cloud.prepare(policy.cloud)
             log.info("routing policy reloaded (mode=%s threshold=%s)", policy.mode.value, policy.confidence_threshold)
             return policy
 

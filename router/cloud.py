@@ -185,6 +185,16 @@ def _first_error(exc: ValidationError) -> str:
 # ----------------------------------------------------------------------------- I/O shell
 
 
+def _preload_async_stack() -> None:
+    """httpx imports its async backend (anyio, h11, httpcore's connection pool) on the first
+    request -- ~0.2 s that would land, GIL held, inside the first escalation's deadline and
+    block the caller's event loop. Importing opens nothing; it just moves that cost here."""
+    import anyio  # noqa: F401
+    import h11  # noqa: F401
+    import httpcore._async.connection_pool  # noqa: F401
+    import httpcore._backends.anyio  # noqa: F401
+
+
 class CloudClient:
     """Async v2 client over all endpoints of a policy. One pooled ``httpx.AsyncClient`` per event
     loop (the router's own I/O thread, and any loop that calls ``apredict``)."""
@@ -192,7 +202,21 @@ class CloudClient:
     def __init__(self, settings: CloudSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         self._transport = transport
+        self._ssl = None
+        self.prepare(settings)
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
+
+    def prepare(self, settings: CloudSettings) -> None:
+        """Adopt (new) settings. Building a verifying SSL context loads the CA bundle -- hundreds of
+        milliseconds on a busy machine -- so it happens here, off every request's path, and only
+        when an endpoint is https."""
+        self.settings = settings
+        if settings.endpoints:
+            _preload_async_stack()
+        if self._ssl is None and any(ep.url.startswith("https://") for ep in settings.endpoints):
+            import ssl
+
+            self._ssl = ssl.create_default_context()
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -203,6 +227,7 @@ class CloudClient:
                 timeout=httpx.Timeout(s.per_try_timeout_ms / 1000.0, connect=s.connect_timeout_ms / 1000.0),
                 limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
                 transport=self._transport,
+                verify=self._ssl if self._ssl is not None else False,  # False: no https endpoint, no TLS at all
                 trust_env=False,
                 follow_redirects=False,
             )
@@ -249,6 +274,7 @@ class CloudClient:
             async with asyncio.timeout(call.timeout_s):
                 info = call.state.meta or await self.fetch_metadata(call.state, call.timeout_s)
                 body = build_infer_body(info, ep, call.x, call.pixels, call.budget_s, call.request_id)
+                t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
                 r = await self._client().post(
                     ep.url + model_path(ep.model, ep.version) + "/infer",
                     content=body, headers=self._headers(ep), timeout=call.timeout_s,
@@ -258,7 +284,7 @@ class CloudClient:
             else:
                 probs, version = parse_infer_response(r.content, ep, len(call.x))
                 version = version or (info.versions[0] if info.versions else ep.version or "")
-                return CloudReply(probs, version, time.monotonic() - t0, len(body))
+                return CloudReply(probs, version, time.monotonic() - t_post, len(body))
         except CloudError as exc:
             err = exc
         except Exception as exc:  # noqa: BLE001 -- httpx, OSError, TimeoutError: translated here

@@ -428,7 +428,4 @@ def _record_failure(ep: EndpointState, exc: BaseException) -> None:
     if isinstance(exc, CloudRejected):
         ep.breaker.record_success()  # the server answered: it is reachable, this request was refused
         return
-    elapsed = getattr(exc, "elapsed_s", None)
-    if isinstance(exc, CloudTimeout) and elapsed:
-        ep.latency.observe(elapsed)  # a lower bound: lets the estimate rise when the service slows down
     ep.breaker.record_failure()

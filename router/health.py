@@ -107,26 +107,41 @@ class CircuitBreaker:
 class LatencyEstimator:
     """A high quantile of recent successful call latencies, seeded from config.
 
-    Timeouts are recorded too, as their elapsed time: a lower bound on the real latency, so a
-    service that turns slow raises the estimate instead of leaving it stuck at its last success.
+    Only successes count (a timeout says only "more than X"), and samples age out after
+    ``max_age_s``: without that, one slow spell would keep the estimate above every budget, the
+    router would stop escalating, and no new sample could ever bring it back down. With no
+    fresh sample the estimate returns to the configured seed. The value is cached until a
+    sample arrives or the oldest one expires, so reading it on the hot path costs a lock.
     """
 
-    def __init__(self, initial_s: float, window: int = 50, quantile: float = 0.9) -> None:
+    def __init__(self, initial_s: float, window: int = 50, quantile: float = 0.9,
+                 max_age_s: float = 60.0, clock: Clock = time.monotonic) -> None:
         self._initial = initial_s
-        self._samples: deque[float] = deque(maxlen=window)
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
         self._q = quantile
+        self._max_age = max_age_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._cached: float | None = initial_s
+        self._cached = initial_s
+        self._valid_until = float("inf")
 
     def observe(self, seconds: float) -> None:
         with self._lock:
-            self._samples.append(seconds)
-            self._cached = None
+            self._samples.append((self._clock(), seconds))
+            self._valid_until = -1.0
 
     def estimate(self) -> float:
         with self._lock:
-            if self._cached is None:
-                self._cached = float(np.quantile(np.fromiter(self._samples, float), self._q))
+            now = self._clock()
+            if now < self._valid_until:
+                return self._cached
+            while self._samples and now - self._samples[0][0] > self._max_age:
+                self._samples.popleft()
+            if self._samples:
+                self._cached = float(np.quantile(np.fromiter((v for _, v in self._samples), float), self._q))
+                self._valid_until = self._samples[0][0] + self._max_age
+            else:
+                self._cached, self._valid_until = self._initial, float("inf")
             return self._cached
 
     @property
@@ -158,7 +173,8 @@ class EndpointState:
         self.key = endpoint.key
         self.breaker = CircuitBreaker(cloud_settings.breaker, clock)
         self.latency = LatencyEstimator(
-            endpoint.initial_latency_ms / 1000.0, cloud_settings.latency_window, cloud_settings.latency_quantile
+            endpoint.initial_latency_ms / 1000.0, cloud_settings.latency_window, cloud_settings.latency_quantile,
+            cloud_settings.latency_max_age_s, clock,
         )
         self.readiness = Readiness()
         self.meta = None

@@ -92,6 +92,7 @@ class CloudSettings(_Strict):
     health_probe_interval_s: float = Field(0.0, ge=0, description="0 disables the background readiness probe")
     latency_window: int = Field(50, ge=1)
     latency_quantile: float = Field(0.9, gt=0, le=1)
+    latency_max_age_s: float = Field(60.0, gt=0, description="latency samples older than this are forgotten")
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
 

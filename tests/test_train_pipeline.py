@@ -35,35 +35,26 @@ EVAL_IMAGES = 600
 
 
 @pytest.fixture(scope="module")
-def small_eval_splits():
-    test, val = data.load_test, data.load_validation
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_test", lambda: test().head(EVAL_IMAGES))
-        mp.setattr(data, "load_validation", lambda: val().head(EVAL_IMAGES))
-        yield
-
-
-@pytest.fixture(scope="module")
-def edge_run(tmp_path_factory, small_eval_splits):
+def edge_run(tmp_path_factory):
     from edge_model import train
 
     out = tmp_path_factory.mktemp("edge")
-    manifest = train.run("edge", epochs=1, train_limit=2000, out=out, version="test-edge", log=lambda _: None)
+    manifest = train.run("edge", epochs=1, train_limit=2000, eval_limit=EVAL_IMAGES, out=out, version="test-edge", log=lambda _: None)
     return out, manifest
 
 
 @pytest.fixture(scope="module")
-def cloud_run(tmp_path_factory, small_eval_splits):
+def cloud_run(tmp_path_factory):
     from edge_model import train
 
     out = tmp_path_factory.mktemp("cloud")
-    manifest = train.run("cloud", epochs=1, train_limit=384, out=out, version="test-cloud", log=lambda _: None)
+    manifest = train.run("cloud", epochs=1, train_limit=384, eval_limit=EVAL_IMAGES, out=out, version="test-cloud", log=lambda _: None)
     return out, manifest
 
 
 @pytest.fixture(scope="module")
 def eval_inputs():
-    split = data.load_test().head(EVAL_IMAGES)  # the real loader: this fixture does not use the patch
+    split = data.load_test().head(EVAL_IMAGES)
     return preprocess_batch(split.images), split.labels
 
 

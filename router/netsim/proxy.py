@@ -107,6 +107,7 @@ class NetworkProxy(LoopService):
         self._handshake = handshake
         self._connect_timeout = connect_timeout
         self._conns: set[_Conn] = set()
+        self._mode_lock = asyncio.Lock()
         self._next_cid = 0
         self._n = _Counters()
 
@@ -173,12 +174,18 @@ class NetworkProxy(LoopService):
             self._start_accepting()
 
     async def _apply_mode(self, new: Mode, slow_ms: Optional[float]) -> None:
+        # Serialised: a switch awaits the accept task's end, and an interleaved switch back
+        # must not see a half-stopped listener.
+        async with self._mode_lock:
+            if new is Mode.REFUSE:
+                await self._stop_accepting()
+            self._switch_mode(new, slow_ms)
+
+    def _switch_mode(self, new: Mode, slow_ms: Optional[float]) -> None:
         old, self._mode = self._mode, new
         if slow_ms is not None:
             self._slow_ms = float(slow_ms)
-        if new is Mode.REFUSE:
-            await self._stop_accepting()
-        elif old is Mode.REFUSE:
+        if old is Mode.REFUSE and new is not Mode.REFUSE:
             self._start_accepting()
         if new in (Mode.REFUSE, Mode.RESET):
             for conn in list(self._conns):
@@ -212,7 +219,7 @@ class NetworkProxy(LoopService):
 
     def _freeze(self, conn: _Conn) -> None:
         """Blackhole a live connection: the client hears nothing more; the upstream is let go."""
-        if conn.closed or conn.frozen:
+        if conn.closed:
             return
         conn.frozen = True
         abort_writer(conn.up_w)
@@ -226,7 +233,7 @@ class NetworkProxy(LoopService):
         self._next_cid += 1
         self._n.accepted += 1
         conn = _Conn(cid, csock, random.Random(f"{self._seed}:{cid}:conn"))
-        if self._mode is Mode.RESET:
+        if self._mode in (Mode.RESET, Mode.REFUSE):  # REFUSE: accepted just before the switch
             self._abort(conn)
             return
         self._conns.add(conn)
@@ -240,7 +247,7 @@ class NetworkProxy(LoopService):
             if up is None:
                 return
             up_reader, conn.up_w = up
-            if self._mode is Mode.BLACKHOLE:
+            if conn.frozen or self._mode is Mode.BLACKHOLE:  # switched while connecting
                 self._freeze(conn)
             c2s = Link(self._profile, random.Random(f"{self._seed}:{cid}:c2s"), handshake=self._handshake)
             s2c = Link(self._profile, random.Random(f"{self._seed}:{cid}:s2c"))
