@@ -31,10 +31,11 @@ chunk that triggers it is not forwarded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ServiceStateError
@@ -140,6 +141,17 @@ class NetworkProxy(LoopService):
                 self._slow_ms = float(slow_ms)
             return
         self._call(self._apply_mode(new, slow_ms))
+
+    @contextlib.contextmanager
+    def outage(self, mode: "Mode | str" = Mode.REFUSE) -> Iterator["NetworkProxy"]:
+        """``with proxy.outage(): ...`` -- switch to ``mode`` (refuse/blackhole/reset), then back."""
+        previous, slow = self._mode, self._slow_ms
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            if self.running:
+                self.set_mode(previous, slow_ms=slow)
 
     def set_profile(self, profile: "NetworkProfile | str") -> None:
         """Apply another profile to new and live connections; its ``mode`` becomes the mode."""
