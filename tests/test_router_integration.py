@@ -107,8 +107,9 @@ def test_batch_sends_one_request_for_the_unsure_rows(service, images):
 def test_async_api_shares_the_core(service, images):
     async def main():
         async with make_router(service.url, images["threshold"]) as r:
-            preds = await asyncio.gather(*(r.apredict(img) for img in images["low"][:16]))
-            preds += await r.apredict_batch(list(images["high"][:4]))
+            # A generous deadline: this test is about the async front-end, not about budgets.
+            preds = await asyncio.gather(*(r.apredict(img, deadline_ms=5000) for img in images["low"][:16]))
+            preds += await r.apredict_batch(list(images["high"][:4]), deadline_ms=5000)
             return preds
 
     preds = asyncio.run(main())
@@ -136,21 +137,27 @@ def test_async_api_shares_the_core(service, images):
 def test_cloud_faults_fall_back_to_the_edge_within_the_deadline(service, images, behaviour, attempts):
     with FaultServer(upstream=("127.0.0.1", service.port), infer=behaviour) as fs, \
             make_router(fs.url, images["threshold"]) as r:
-        for img in images["low"][:3]:
+        for n, img in enumerate(images["low"][:3]):
             p, elapsed = timed(r.predict, img)
-            assert (p.source, p.reason, p.fallback) == ("edge", Reason.CLOUD_ERROR, True)
-            assert p.edge is None and p.attempts >= 1
+            assert elapsed <= DEADLINE_MS / 1000 + NOISE_S
+            assert (p.source, p.fallback, p.edge) == ("edge", True, None)
+            if n > 0 and p.reason == Reason.BREAKER_OPEN:  # retried failures may open the breaker early
+                assert p.attempts == 0
+                continue
+            assert p.reason == Reason.CLOUD_ERROR and p.attempts >= 1
             if attempts is not None:
                 assert p.attempts == attempts
-            assert elapsed <= DEADLINE_MS / 1000 + NOISE_S
 
 
 def test_closed_port_falls_back_within_the_deadline(images):
     with make_router(f"http://127.0.0.1:{free_closed_port()}", images["threshold"]) as r:
+        reasons = []
         for img in images["low"][:3]:
             p, elapsed = timed(r.predict, img)
-            assert (p.source, p.reason, p.fallback) == ("edge", Reason.CLOUD_ERROR, True)
+            assert (p.source, p.fallback) == ("edge", True)
             assert elapsed <= DEADLINE_MS / 1000 + NOISE_S
+            reasons.append(p.reason)
+        assert reasons[0] == Reason.CLOUD_ERROR and set(reasons) <= {Reason.CLOUD_ERROR, Reason.BREAKER_OPEN}
 
 
 def test_503_with_short_retry_after_is_retried(service, images):
@@ -208,10 +215,11 @@ def test_broken_edge_model_escalates(service, images, tmp_path):
 
 
 def test_api_key_from_the_env_var_named_in_the_policy(images, monkeypatch):
-    monkeypatch.setenv("TEST_ROUTER_KEY", "s3cret-key")
-    with LocalService(overrides={"auth.api_keys_env": "TEST_SERVICE_KEYS"}, env={"TEST_SERVICE_KEYS": "s3cret-key"}) as svc:
+    monkeypatch.setenv("TEST_ROUTER_KEY", "s3cret-key-for-the-tests")
+    with LocalService(overrides={"auth.api_keys_env": "TEST_SERVICE_KEYS"}, env={"TEST_SERVICE_KEYS": "s3cret-key-for-the-tests"}) as svc:
         for key_env, source in (("TEST_ROUTER_KEY", "cloud"), ("TEST_ROUTER_NO_KEY", "edge")):
             policy = parse_policy({"confidence_threshold": images["threshold"], "decision_log": False,
+                                   "default_deadline_ms": 5000,  # this test is about keys, not budgets
                                    "cloud": {"endpoints": [{"url": svc.url, "api_key_env": key_env}]}})
             with Router(policy) as r:
                 p = r.predict(images["low"][0])
