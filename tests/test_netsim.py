@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import selectors
 import socket
 import socketserver
 import sys
@@ -414,6 +415,8 @@ def test_slow_mode_and_profile_switch_apply_to_live_connections(echo):
             proxy.set_profile(NetworkProfile(rtt_ms=60))
             assert echo_once(s) >= 0.048
             assert proxy.profile.rtt_ms == 60
+            with pytest.raises(ProfileError, match="slow_ms"):
+                NetworkProxy(echo.server_address).set_mode("slow")  # slow with no extra delay is a mistake
 
 
 def test_reset_probability_resets_some_requests(echo):
@@ -482,6 +485,28 @@ def test_upstream_down_gives_a_reset_not_a_hang():
             assert proxy.stats().upstream_connect_failures == 1
     finally:
         spare.close()
+
+
+@pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="epoll only")
+def test_fine_timer_selector_waits_the_whole_timeout_and_still_wakes_on_io():
+    from router.netsim._service import FineTimerEpollSelector
+
+    sel = FineTimerEpollSelector()
+    a, b = socket.socketpair()
+    try:
+        sel.register(a, selectors.EVENT_READ)
+        for timeout in (0.0003, 0.0017, 0.004):  # sub-ms parts are not rounded (nor cut short)
+            t0 = time.monotonic()
+            assert sel.select(timeout) == []
+            assert time.monotonic() - t0 >= timeout
+        timer = threading.Timer(0.05, b.send, args=(b"x",))
+        timer.start()
+        assert sel.select(10.0)  # woken by the socket, not by the timeout
+        timer.join()
+    finally:
+        sel.close()
+        a.close()
+        b.close()
 
 
 def _fds() -> int:

@@ -82,7 +82,7 @@ class Context:
 
     async def send(self, code: int, body: bytes = b"", headers: "tuple | list" = ()) -> bool:
         """Write a whole response; returns whether the connection stays open."""
-        keep = self.request.keep_alive and self.server.running
+        keep = self.request.keep_alive and not self.server.stopping
         self.writer.write(render_response(code, body, headers, keep_alive=keep))
         await self.writer.drain()
         return keep

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ServiceStateError
+from .errors import ProfileError
 from .link import Link
 from .profiles import Mode, NetworkProfile, get_profile
 from ._service import LoopService, abort_writer, connect_loopback, parse_upstream, rst_socket
@@ -93,13 +93,17 @@ class NetworkProxy(LoopService):
     anything is contacted). ``profile``: a :class:`NetworkProfile` or a name from ``PROFILES``.
     ``seed`` makes jitter/loss/reset draws reproducible per connection. ``handshake`` charges the
     first chunk of each connection one extra RTT (the TCP handshake a real connect would pay).
+    ``fine_timers=False`` uses the stock epoll loop, whose timers round up to whole milliseconds
+    (up to +1 ms per direction; kept for comparison in ``bench/netsim_fidelity.py``).
     """
 
     _thread_prefix = "netsim-proxy"
 
     def __init__(self, upstream: "tuple[str, int] | str", profile: "NetworkProfile | str" = "loopback", *,
-                 seed: int = 0, handshake: bool = True, connect_timeout: float = 5.0) -> None:
+                 seed: int = 0, handshake: bool = True, connect_timeout: float = 5.0,
+                 fine_timers: bool = True) -> None:
         super().__init__()
+        self.fine_timers = fine_timers
         self.upstream: tuple[str, int] = parse_upstream(upstream)
         self._profile = get_profile(profile)
         self._mode = self._profile.mode
@@ -135,6 +139,8 @@ class NetworkProxy(LoopService):
         new = Mode.parse(mode)
         if slow_ms is not None:
             self._profile.replace(slow_ms=slow_ms)  # validates
+        if new is Mode.SLOW and not (slow_ms if slow_ms is not None else self._slow_ms):
+            raise ProfileError("slow mode needs slow_ms > 0 (the extra round-trip delay)")
         if self._loop is None:
             self._mode = new
             if slow_ms is not None:
