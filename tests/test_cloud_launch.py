@@ -59,3 +59,15 @@ def test_start_is_idempotent_and_stop_is_safe_twice():
         assert svc.start() is svc and svc.pid == pid
     assert svc.stop() == svc.returncode
     svc.kill()  # nothing running: no error
+
+
+def test_several_workers_share_the_socket_and_the_settings():
+    key = "worker-key-" + "w" * 16
+    with LocalService(overrides={"server.workers": 2, "auth.api_keys": [key]}) as svc:
+        with client(svc, headers={"Authorization": f"Bearer {key}"}) as c:
+            for _ in range(4):
+                assert c.post(infer_path(), json=v2_body(sample_pixels(1))).status_code == 200
+        assert httpx.get(svc.url + "/v2", timeout=10).status_code == 401  # the key reached the workers
+    log = svc.log_text()
+    assert log.count("Application startup complete") == 2
+    assert key not in log

@@ -156,6 +156,8 @@ def test_body_over_limit_by_content_length_is_413(svc, http):
     assert r.status_code == 413 and "limit" in r.json()["error"]
     r = http.post("/v1/classify", content=b"\x00" * (BODY_LIMIT * 8))
     assert r.status_code == 413
+    r = http.post("/v1/classify", files={"file": ("big.png", b"\x00" * (BODY_LIMIT * 2), "image/png")})
+    assert r.status_code == 413
     assert_healthy(svc)
 
 
