@@ -116,6 +116,8 @@ def _float_input(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         )
     if not np.isfinite(arr).all():
         raise ArrayInputError("array contains NaN or infinite values")
+    if arr.dtype == np.float32:  # the common case: no conversion, nothing can overflow
+        return arr.reshape(1, h, w).copy()  # a copy: the caller's array is never aliased
     with np.errstate(over="ignore"):
         out = arr.reshape(1, h, w).astype(np.float32)  # a copy: the caller's array is never aliased
     if not np.isfinite(out).all():  # e.g. float64 1e300 overflows float32

@@ -114,21 +114,29 @@ class OnnxClassifier:
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise InferenceError(f"{self.name}: onnxruntime failed: {exc}") from exc
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities ``float32 [N, C]`` for a normalised batch."""
-        if not isinstance(x, np.ndarray):
-            raise ArrayInputError(f"model input must be a numpy array; got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1:] != (1, *self.input_shape) or x.dtype != np.float32:
-            raise ArrayInputError(f"model input must be float32 [N, 1, {self.input_shape[0]}, {self.input_shape[1]}]; got {x.dtype} {x.shape}")
-        if x.shape[0] == 0:
-            return np.empty((0, len(self.labels)), dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise ArrayInputError("model input contains NaN or infinite values")
+    def predict_proba(self, x: np.ndarray, *, validate: bool = True) -> np.ndarray:
+        """Calibrated probabilities ``float32 [N, C]`` for a normalised batch.
+
+        ``validate=False`` skips the input checks, for callers whose ``x`` came out of
+        :mod:`edge_model.preprocess` (already shaped, float32 and finite) -- the router's hot path.
+        """
+        if validate:
+            self._check_input(x)
+            if x.shape[0] == 0:
+                return np.empty((0, len(self.labels)), dtype=np.float32)
         z = self.logits(x) * self._inv_t
         z -= z.max(axis=1, keepdims=True)
         np.exp(z, out=z)
         z /= z.sum(axis=1, keepdims=True)
         return z
+
+    def _check_input(self, x: np.ndarray) -> None:
+        if not isinstance(x, np.ndarray):
+            raise ArrayInputError(f"model input must be a numpy array; got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1:] != (1, *self.input_shape) or x.dtype != np.float32:
+            raise ArrayInputError(f"model input must be float32 [N, 1, {self.input_shape[0]}, {self.input_shape[1]}]; got {x.dtype} {x.shape}")
+        if not np.isfinite(x).all():
+            raise ArrayInputError("model input contains NaN or infinite values")
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         return preprocess(image, self.preprocess_config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import os
 import random
@@ -95,6 +96,7 @@ class Router:
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._telemetry = Telemetry()
+        self._id_prefix, self._ids = os.urandom(4).hex(), itertools.count(1)  # unique per router, cheap per request
         self._edge, self._edge_error = self._load_edge(policy, edge_model)
         self._labels = self._edge.labels if self._edge else tuple(_default_labels())
         self._edge_version = self._edge.version if self._edge else "unavailable"
@@ -213,7 +215,7 @@ class Router:
             privacy=bool(privacy) or policy.privacy_mode,  # a call may add privacy, never lift the policy's
             deadline=now + budget_ms / 1000.0,
             started=now,
-            request_id=request_id or os.urandom(8).hex(),
+            request_id=request_id or f"{self._id_prefix}-{next(self._ids)}",
             labels=self._labels,
             thresholds=thresholds,
             edge_version=self._edge_version,
@@ -247,7 +249,7 @@ class Router:
             return LocalResult(x, pixels, edge_error=self._edge_error)
         t0 = time.perf_counter()
         try:
-            probs = self._edge.predict_proba(x)
+            probs = self._edge.predict_proba(x, validate=False)  # x came out of the preprocessing
         except EdgeModelError as exc:
             return LocalResult(x, pixels, edge_error=EdgeError(f"edge inference failed: {exc}"), edge_s=time.perf_counter() - t0)
         return LocalResult(x, pixels, probs, edge_s=time.perf_counter() - t0)
