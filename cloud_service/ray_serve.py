@@ -194,14 +194,21 @@ def deploy(settings: ServiceSettings, *, timeout_s: float = 120.0) -> str:
 
 
 class LocalRayServe:
-    """A private local Ray + Serve deployment on loopback (tests, benchmarks); a context manager."""
+    """A private local Ray + Serve deployment on loopback (tests, benchmarks, the CLI); a context manager.
 
-    def __init__(self, settings: ServiceSettings, *, num_cpus: float = 2, object_store_mb: int = 100,
-                 timeout_s: float = 180.0) -> None:
+    Leaving it shuts Serve and Ray down and waits (then kills, by PID) any process this Ray
+    instance started that is still alive, so nothing is left behind.
+    """
+
+    def __init__(self, settings: ServiceSettings, *, num_cpus: Optional[float] = 2,
+                 object_store_mb: Optional[int] = 100, timeout_s: float = 180.0,
+                 private_temp_dir: bool = True, log_to_driver: bool = False) -> None:
         self.settings = settings
         self.num_cpus = num_cpus
         self.object_store_mb = object_store_mb
         self.timeout_s = timeout_s
+        self.private_temp_dir = private_temp_dir
+        self.log_to_driver = log_to_driver
         self.url: Optional[str] = None
         self.startup_s: Optional[float] = None
         self._temp_dir: Optional[str] = None
@@ -210,15 +217,17 @@ class LocalRayServe:
     def __enter__(self) -> "LocalRayServe":
         _import_serve()
         started = time.monotonic()
-        # A short path: Ray puts Unix sockets under it (108-byte limit).
-        self._temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        if self.private_temp_dir:
+            # A short path: Ray puts Unix sockets under it (108-byte limit).
+            self._temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
         try:
             init_local_ray(num_cpus=self.num_cpus, object_store_mb=self.object_store_mb,
-                           temp_dir=self._temp_dir, log_to_driver=False)
+                           temp_dir=self._temp_dir, log_to_driver=self.log_to_driver)
+            self._processes = _descendants(os.getpid())
             self.url = deploy(self.settings, timeout_s=self.timeout_s)
-            self._processes = _descendants(os.getpid())
+            self._processes |= _descendants(os.getpid())
         except BaseException:
-            self._processes = _descendants(os.getpid())
+            self._processes |= _descendants(os.getpid())
             self.__exit__()
             raise
         self.startup_s = time.monotonic() - started
@@ -235,8 +244,8 @@ class LocalRayServe:
             if ray.is_initialized():
                 serve.shutdown()
         finally:
-            if ray.is_initialized():
-                ray.shutdown()
+            # Also after an interrupted ray.init (not "initialized", yet its processes run).
+            ray.shutdown(wait_for_processes=True)
             self._reap(timeout_s=15.0)
             if self._temp_dir is not None:
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
@@ -244,24 +253,39 @@ class LocalRayServe:
     def leftover_processes(self) -> list[int]:
         """PIDs of this Ray instance's processes (seen while it ran) that are still alive."""
         alive = _process_table()
-        return sorted(pid for pid, started in self._processes if alive.get(pid, (None, None))[1] == started)
+        return sorted(pid for pid, started in self._processes
+                      if pid in alive and alive[pid][1] == started and alive[pid][2] != "Z")
 
     def _reap(self, timeout_s: float) -> None:
-        # ray.shutdown() ends its processes asynchronously: wait, then kill stragglers of *this* instance.
+        # ray.shutdown() ends its processes asynchronously, and cannot after an interrupted
+        # ray.init: wait, then TERM and KILL the stragglers of *this* instance (by PID).
         deadline = time.monotonic() + timeout_s
         while self.leftover_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in self.leftover_processes():
-            log.warning("killing leftover Ray process %d", pid)
+        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
+            pids = self.leftover_processes()
+            if not pids:
+                break
+            log.warning("sending %s to %d leftover Ray processes", sig.name, len(pids))
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + grace
+            while self.leftover_processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        # Collect our own children so that they do not linger as zombies.
+        for pid, _ in self._processes:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not our child, or already collected
                 pass
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """``{pid: (ppid, start time in clock ticks)}`` from /proc (empty where there is no /proc)."""
-    table: dict[int, tuple[int, int]] = {}
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """``{pid: (ppid, start time in clock ticks, state)}`` from /proc (empty where there is no /proc)."""
+    table: dict[int, tuple[int, int, str]] = {}
     proc = Path("/proc")
     if not proc.is_dir():
         return table
@@ -273,14 +297,14 @@ def _process_table() -> dict[int, tuple[int, int]]:
         except OSError:  # exited meanwhile
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+        table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0])
     return table
 
 
 def _descendants(root: int) -> set[tuple[int, int]]:
     table = _process_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: set[tuple[int, int]] = set()
     stack = list(children.get(root, ()))
@@ -297,6 +321,8 @@ def init_local_ray(*, num_cpus: Optional[float] = None, object_store_mb: Optiona
     _loopback_only()
     import ray
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     ray.init(
         address="local",  # never attach to some other cluster found on the machine
         num_cpus=num_cpus,
@@ -308,6 +334,10 @@ def init_local_ray(*, num_cpus: Optional[float] = None, object_store_mb: Optiona
         log_to_driver=log_to_driver,
         configure_logging=False,
     )
+    if in_main_thread and sigterm is not None:
+        # Ray's core installs a crash handler for SIGTERM that makes the later ray.shutdown()
+        # abort (exit 134) and leaves agents running; keep the process's own SIGTERM behaviour.
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def _loopback_only() -> None:
@@ -407,49 +437,71 @@ def _parse_autoscale(value) -> tuple[int, int]:
 
 
 def run(settings: ServiceSettings, args) -> int:
-    """``hybrid-router serve --engine ray``: deploy and serve until SIGINT/SIGTERM."""
+    """``hybrid-router serve --engine ray``: deploy and serve until SIGINT/SIGTERM.
+
+    Exit codes as the local engine: 0 clean shutdown, 2 bad settings or no Ray, 3 start-up failed.
+    """
     try:
         settings = settings_from_args(settings, args)
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"hybrid-router serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     try:
-        import ray
-    except ImportError:
-        print("error: Ray Serve is not installed; pip install 'hybrid-router[ray]'", file=sys.stderr)
-        return 1
-    r = settings.ray
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if r.address:
-        # An existing cluster: its nodes need this package installed (pip install 'hybrid-router[ray]').
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=r.address, configure_logging=False)
-    else:
-        init_local_ray()
+        _import_serve()
+    except RayServeError as exc:
+        print(f"hybrid-router serve: the Ray engine is unavailable ({exc})", file=sys.stderr)
+        return 2
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM shuts down like Ctrl-C
+    try:
+        if settings.ray.address:
+            return _serve_on_cluster(settings)
+        with LocalRayServe(settings, num_cpus=None, object_store_mb=None, private_temp_dir=False,
+                           log_to_driver=True) as srv:
+            _announce(settings, srv.url)
+            _wait_forever()
+    except KeyboardInterrupt:
+        print("Ray Serve stopped", flush=True)
+        return 0
+    except RayServeError as exc:
+        print(f"hybrid-router serve: start-up failed: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:  # ray.init raises ConnectionError, RuntimeError, ValueError ...
+        print(f"hybrid-router serve: cannot start Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _serve_on_cluster(settings: ServiceSettings) -> int:
+    """Deploy to an existing cluster (its nodes need ``pip install 'hybrid-router[ray]'``); remove on exit."""
+    import ray
     from ray import serve
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=settings.ray.address, configure_logging=False)
     try:
         url = deploy(settings)
-    except RayServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        serve.shutdown()
-        ray.shutdown()
-        return 1
+        _announce(settings, url)
+        _wait_forever()
+    finally:
+        try:
+            serve.delete(APP_NAME)  # the cluster and its Serve instance belong to someone else
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _announce(settings: ServiceSettings, url: str) -> None:
+    r = settings.ray
     scale = (f"autoscaling {r.autoscale_min_replicas}-{r.autoscale_max_replicas} replicas"
              if r.autoscaling else f"{r.replicas} replica(s)")
     print(f"ready: {url}/v2/models/{settings.model.name} on Ray Serve ({scale}, {r.num_cpus} CPU each); "
           "Ctrl-C stops", flush=True)
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        print("shutting down Ray Serve ...", flush=True)
-        if r.address:
-            serve.delete(APP_NAME)  # leave the cluster and its Serve instance to their owner
-        else:
-            serve.shutdown()
-        ray.shutdown()
-    return 0
 
+
+def _wait_forever() -> None:
+    while True:
+        time.sleep(1.0)
