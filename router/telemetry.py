@@ -54,7 +54,7 @@ class Telemetry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.by_source_reason: Counter[tuple[str, str]] = Counter()
-        self.latency: dict[str, Histogram] = {"edge": Histogram(), "cloud": Histogram()}
+        self.latency: dict[tuple[str, str], Histogram] = {}
         self.requests = 0
         self.fallbacks = 0
         self.failures: Counter[str] = Counter()
@@ -67,8 +67,12 @@ class Telemetry:
             self.bytes_sent += bytes_sent
             for p in predictions:
                 self.requests += 1
-                self.by_source_reason[(p.source, p.reason.value)] += 1
-                self.latency[p.source].observe(p.timings.total_ms)
+                key = (p.source, p.reason.value)
+                self.by_source_reason[key] += 1
+                hist = self.latency.get(key)
+                if hist is None:
+                    hist = self.latency[key] = Histogram()
+                hist.observe(p.timings.total_ms)
                 self.fallbacks += p.fallback
         if log and decision_log.isEnabledFor(logging.INFO):
             for p in predictions:
@@ -95,5 +99,5 @@ class Telemetry:
                 "failures": dict(self.failures),
                 "cloud_attempts": self.cloud_attempts,
                 "bytes_sent": self.bytes_sent,
-                "latency": {k: h.snapshot() for k, h in self.latency.items()},
+                "latency": {f"{s}/{r}": h.snapshot() for (s, r), h in sorted(self.latency.items())},
             }

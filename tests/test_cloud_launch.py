@@ -17,6 +17,7 @@ def test_kill_refuses_connections_and_start_recovers_on_the_same_port(tmp_path):
     try:
         svc.start()
         port, first_pid = svc.port, svc.pid
+        assert svc.start() is svc and svc.pid == first_pid  # idempotent while running
         with client(svc) as c:
             assert c.post(infer_path(), json=v2_body(sample_pixels(1))).status_code == 200
         svc.kill()
@@ -29,8 +30,9 @@ def test_kill_refuses_connections_and_start_recovers_on_the_same_port(tmp_path):
             assert c.get("/v2/health/ready").status_code == 200
             assert c.post(infer_path(), json=v2_body(sample_pixels(1))).status_code == 200
     finally:
-        svc.stop()
-    assert not svc.running
+        code = svc.stop()
+    assert not svc.running and svc.stop() == code  # stop twice is safe
+    svc.kill()  # nothing running: no error
     text = log.read_text()
     assert text.count("LocalService start") == 2 and "Application startup complete" in text
 
@@ -50,15 +52,6 @@ def test_invalid_settings_fail_start(tmp_path):
         svc.start()
     assert "HYBRID_CLOUD__BATCHING__MAX_BATCH_SIZE" in str(info.value)
     assert "batching.max_batch_size" in str(info.value)
-
-
-def test_start_is_idempotent_and_stop_is_safe_twice():
-    svc = LocalService()
-    with svc:
-        pid = svc.pid
-        assert svc.start() is svc and svc.pid == pid
-    assert svc.stop() == svc.returncode
-    svc.kill()  # nothing running: no error
 
 
 def test_several_workers_share_the_socket_and_the_settings():
