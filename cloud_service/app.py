@@ -86,7 +86,8 @@ def error_response(exc: ServiceError) -> JSONResponse:
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="hybrid-router-cloud"'
     # Messages are payload-free by construction (see cloud_service.errors), so they may be logged.
-    if status >= 500:
+    # 503/504 are load management (counted in /metrics), not faults: debug, like the 4xx.
+    if status == 500:
         log.warning("%d %s: %s", status, type(exc).__name__, exc.message)
     else:
         log.debug("%d %s: %s", status, type(exc).__name__, exc.message)

@@ -144,7 +144,8 @@ class ServedModel:
         if shape[0] < 1:
             raise InvalidRequest(f"input {tensor.name!r}: batch dimension must be >= 1, got {shape[0]}")
         try:
-            arr = protocol.decode_tensor(tensor)
+            with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow becomes inf: refused just below
+                arr = protocol.decode_tensor(tensor)
         except ProtocolError as exc:
             raise InvalidRequest(str(exc)) from None
         if tensor.datatype == "UINT8":

@@ -43,7 +43,7 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferenceRequest
         raise InvalidRequest(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
     try:
         raw = json.loads(body[:n])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nesting bomb
         raise InvalidRequest("invalid JSON in the inference request header") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("inputs"), list):
         raise InvalidRequest("inference request header must be a JSON object with an 'inputs' list")

@@ -233,11 +233,25 @@ def test_nan_fp32_is_400(http):
     assert r.status_code == 400
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"not json at all", b"[1, 2, 3]", b"\xff\xfe\x00"])
+NESTING_BOMB = b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"not json at all", b"[1, 2, 3]", b"\xff\xfe\x00", NESTING_BOMB],
+                         ids=["empty", "open", "text", "array", "binary", "nesting-bomb"])
 def test_malformed_json_is_400(http, content):
     r = http.post(infer_path(), content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]
+    r = http.post(infer_path(), content=content, headers={"Inference-Header-Content-Length": str(len(content))})
+    assert r.status_code == 400  # the binary extension's JSON header too
+    assert http.get("/v2/health/ready").status_code == 200
+
+
+def test_fp32_overflow_is_400(http):
+    body = v2_body(np.zeros((1, 1, 28, 28), np.float32))
+    body["inputs"][0]["data"] = [1e39] * 784  # finite in JSON, infinite as FP32
+    r = http.post(infer_path(), json=body)
+    assert r.status_code == 400 and "infinite" in r.json()["error"]
 
 
 def test_errors_do_not_echo_payload(http):
