@@ -469,6 +469,7 @@ def test_mode_switches_from_many_threads_under_traffic(echo):
             echo_once(s)
         assert proxy.mode is Mode.NORMAL
         assert wait_until(lambda: proxy.stats().connections_active == 0)
+        assert proxy.errors == []  # no connection task died of an unexpected exception
     assert outcomes["ok"] + outcomes["failed"] > 0
 
 
@@ -532,6 +533,7 @@ def test_stop_leaves_no_threads_sockets_or_listeners(echo):
     proxy.stop()
     fs.stop()
     proxy.stop()  # idempotent
+    assert proxy.errors == [] and fs.errors == []
     assert not {t.name for t in threading.enumerate()} & names
     for addr in (proxy.address, fs.address):
         with pytest.raises(ConnectionRefusedError):

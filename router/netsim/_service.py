@@ -73,7 +73,9 @@ async def connect_loopback(host: str, port: int, timeout: float, *,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return await asyncio.open_connection(sock=sock, limit=limit)
     except BaseException:
-        sock.close()
+        # Closed on the next turn: the cancelled sock_connect's callback that unregisters this
+        # fd is already queued, and must not hit a new socket that reused the number.
+        loop.call_soon(sock.close)
         raise
 
 
@@ -185,7 +187,7 @@ class Listener:
 
 class LoopService:
     """Runs an asyncio loop in a daemon thread; subclasses implement ``_setup`` / ``_teardown``
-    (coroutines run on that loop) and accept connections through :meth:`_accept_loop`."""
+    (coroutines run on that loop) and handle each accepted socket in ``_on_connection``."""
 
     _thread_prefix = "netsim"
     fine_timers = True  # sub-millisecond timer precision (see FineTimerEpollSelector)
@@ -194,9 +196,10 @@ class LoopService:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._listener: Optional[Listener] = None
-        self._accept_task: Optional[asyncio.Task] = None
+        self._accepting = False
         self._tasks: set[asyncio.Task] = set()
         self._state = "new"
+        self.errors: list[str] = []  # unexpected exceptions of connection tasks (should stay empty)
 
     # ----------------------------------------------------------------- public lifecycle
     @property
@@ -322,46 +325,74 @@ class LoopService:
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
 
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._note_error(task.exception())
+
+    def _note_error(self, exc: BaseException) -> None:
+        if len(self.errors) < 100:
+            self.errors.append(repr(exc))
+
+    # Accepting is a reader callback on the listening socket (as asyncio.Server does), not a
+    # task awaiting loop.sock_accept: cancelling that task can race with an accept already
+    # queued, losing the accepted socket. remove_reader is synchronous on the loop thread.
     def _start_accepting(self) -> None:
-        if self._listener is None:
+        listener = self._listener
+        if listener is None:
             raise ServiceStateError("no listener")
-        if not self._listener.listening:
-            self._listener.listen()
-        if self._accept_task is None or self._accept_task.done():
-            self._accept_task = asyncio.ensure_future(self._accept_loop())
+        if not listener.listening:
+            listener.listen()
+        if not self._accepting and listener.sock is not None:
+            self._accepting = True
+            asyncio.get_running_loop().add_reader(listener.sock.fileno(), self._accept_ready)
 
-    async def _stop_accepting(self) -> None:
-        task, self._accept_task = self._accept_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.unlisten()
+    def _stop_accepting(self) -> None:
+        listener = self._listener
+        if self._accepting:
+            self._accepting = False
+            if listener is not None and listener.sock is not None:
+                asyncio.get_running_loop().remove_reader(listener.sock.fileno())
+        if listener is not None:
+            listener.unlisten()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        lsock = self._listener.sock if self._listener is not None else None
-        if lsock is None:
-            return
-        while True:
+    def _accept_ready(self) -> None:
+        listener = self._listener
+        for _ in range(64):  # bounded batch per wake-up, fair to the other connections
+            if not self._accepting or listener is None or listener.sock is None:
+                return
             try:
-                csock, _ = await loop.sock_accept(lsock)
-            except (ConnectionAbortedError, InterruptedError):
+                csock, _ = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
                 continue
-            except OSError:
-                if self._listener is None or not self._listener.listening:
-                    return
-                await asyncio.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
-                continue
+            except OSError as exc:  # e.g. EMFILE: pause instead of spinning
+                self._note_error(exc)
+                self._stop_accepting_for(0.1)
+                return
             csock.setblocking(False)
             csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._on_connection(csock))
 
+    def _stop_accepting_for(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener is None or listener.sock is None or not self._accepting:
+            return
+        loop.remove_reader(listener.sock.fileno())
+
+        def resume() -> None:
+            if self._accepting and listener.sock is not None:
+                loop.add_reader(listener.sock.fileno(), self._accept_ready)
+
+        loop.call_later(seconds, resume)
+
     async def _shutdown(self) -> None:
-        await self._stop_accepting()
+        self._stop_accepting()
         if self._listener is not None:
             self._listener.close()
         await self._teardown()

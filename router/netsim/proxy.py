@@ -84,6 +84,7 @@ class _Conn:
     links: list = field(default_factory=list)
     frozen: bool = False   # blackholed: nothing is delivered any more
     closed: bool = False   # aborted
+    wrapping: bool = False  # csock is being handed to a transport: only the transport may close it
 
 
 class NetworkProxy(LoopService):
@@ -112,7 +113,6 @@ class NetworkProxy(LoopService):
         self._handshake = handshake
         self._connect_timeout = connect_timeout
         self._conns: set[_Conn] = set()
-        self._mode_lock = asyncio.Lock()
         self._next_cid = 0
         self._n = _Counters()
 
@@ -192,12 +192,10 @@ class NetworkProxy(LoopService):
             self._start_accepting()
 
     async def _apply_mode(self, new: Mode, slow_ms: Optional[float]) -> None:
-        # Serialised: a switch awaits the accept task's end, and an interleaved switch back
-        # must not see a half-stopped listener.
-        async with self._mode_lock:
-            if new is Mode.REFUSE:
-                await self._stop_accepting()
-            self._switch_mode(new, slow_ms)
+        # No await in here: a switch is atomic on the loop thread.
+        if new is Mode.REFUSE:
+            self._stop_accepting()
+        self._switch_mode(new, slow_ms)
 
     def _switch_mode(self, new: Mode, slow_ms: Optional[float]) -> None:
         old, self._mode = self._mode, new
@@ -231,7 +229,8 @@ class NetworkProxy(LoopService):
         conn.closed = True
         if conn.client_w is None:
             rst_socket(conn.csock)
-            conn.csock.close()
+            if not conn.wrapping:  # else _on_connection aborts the transport once it exists
+                conn.csock.close()
         abort_writer(conn.client_w)
         abort_writer(conn.up_w)
 
@@ -256,7 +255,11 @@ class NetworkProxy(LoopService):
             return
         self._conns.add(conn)
         try:
+            conn.wrapping = True
             reader, conn.client_w = await asyncio.open_connection(sock=csock, limit=CHUNK)
+            if conn.closed:  # aborted while the transport was being made
+                abort_writer(conn.client_w)
+                return
             if self._mode is Mode.BLACKHOLE:
                 conn.frozen = True
                 await self._swallow(conn, reader)
@@ -282,8 +285,8 @@ class NetworkProxy(LoopService):
                 for w in (conn.client_w, conn.up_w):
                     if w is not None:
                         w.close()
-            elif conn.client_w is None:
-                conn.csock.close()
+            if conn.client_w is None:
+                conn.csock.close()  # never wrapped, or the transport failed to be made
 
     async def _connect_upstream(self, conn: _Conn) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
