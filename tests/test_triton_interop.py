@@ -174,3 +174,27 @@ def _counts(metrics_url: str) -> dict[str, float]:
         if name in counts and f'model="{MODEL_NAME}"' in rest:
             counts[name] += float(line.rsplit(" ", 1)[1])
     return counts
+
+
+@pytest.mark.parametrize("server", ["triton_fp32", "triton_uint8"])
+def test_router_escalates_to_triton(server, images, request):
+    """The router, pointed at Triton, follows its metadata (FP32 or UINT8 input) and gets our answers."""
+    from router import Router
+    from router.policy import parse_policy
+
+    srv = request.getfixturevalue(server)
+    policy = parse_policy({
+        "mode": "cloud_only",
+        "default_deadline_ms": 10_000,  # a hang bound on a busy 2-core machine, not a speed goal
+        "cloud": {"endpoints": [{"name": "triton", "url": srv.url, "model": MODEL_NAME, "input_datatype": "auto"}],
+                  "per_try_timeout_ms": 10_000},
+        "decision_log": False,
+    })
+    expected = srv.classifier.classify(list(images[:5]))
+    with Router(policy) as router:
+        predictions = router.predict_batch(list(images[:5]))
+    for p, want in zip(predictions, expected):
+        assert p.source == "cloud" and not p.fallback, p
+        assert p.endpoint == "triton"
+        np.testing.assert_allclose(p.probabilities, want, atol=1e-5)
+        assert p.class_index == int(np.argmax(want))
