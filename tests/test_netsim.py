@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from router.netsim import (PROFILES, FaultServer, Link, LoopbackOnlyError, Mode, NetsimError, NetworkProfile,
+from router.netsim import (PROFILES, FaultServer, closed_port, Link, LoopbackOnlyError, Mode, NetsimError, NetworkProfile,
                            NetworkProxy, ProfileError, ServiceStateError, add_network_arguments, blackhole, classify,
                            close, garbage, infer_ok, model_metadata, parse_loss, profile_from_args,
                            profile_from_namespace, proxy_to, sequence, slow, status)
@@ -473,19 +473,16 @@ def test_mode_switches_from_many_threads_under_traffic(echo):
     assert outcomes["ok"] + outcomes["failed"] > 0
 
 
-def test_upstream_down_gives_a_reset_not_a_hang():
-    spare = socket.socket()
-    spare.bind(("127.0.0.1", 0))
-    port = spare.getsockname()[1]  # bound, not listening: connections to it are refused
-    try:
-        with NetworkProxy(("127.0.0.1", port)) as proxy:
+def test_closed_port_refuses_and_upstream_down_gives_a_reset_not_a_hang():
+    with closed_port() as down:
+        with pytest.raises(ConnectionRefusedError):
+            connect(down)
+        with NetworkProxy(down) as proxy:
             with pytest.raises(ConnectionResetError):  # from connect() itself when the RST wins the race
                 with connect(proxy.address) as s:
                     s.sendall(b"x")
                     s.recv(10)
             assert proxy.stats().upstream_connect_failures == 1
-    finally:
-        spare.close()
 
 
 @pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="epoll only")
@@ -678,15 +675,40 @@ def test_upstream_passthrough_and_overrides(http_upstream):
         assert _get(fs.address, "/v2/health/live")[0] == 500
 
 
-def test_proxy_to_an_unreachable_upstream_is_a_502():
-    spare = socket.socket()
-    spare.bind(("127.0.0.1", 0))
+def test_proxy_to_relays_unframed_and_chunked_upstream_bodies():
+    def serve(conn: socket.socket, chunked: bool) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(4096)
+            if chunked:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                time.sleep(0.02)
+                conn.sendall(b"6\r\n world\r\n0\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello")
+                time.sleep(0.02)  # the rest arrives later: the relay must read up to the close
+                conn.sendall(b" world")
+
+    lsock = socket.create_server(("127.0.0.1", 0))
     try:
-        with FaultServer(infer=proxy_to("127.0.0.1", spare.getsockname()[1], timeout=1)) as fs:
+        with FaultServer(upstream=lsock.getsockname()) as fs:
+            for chunked in (False, True):
+                t = threading.Thread(target=lambda: serve(lsock.accept()[0], chunked))
+                t.start()
+                code, headers, body = _get(fs.address, "/v2/models/m")
+                t.join(5)
+                assert (code, body) == (200, b"hello world")
+                assert "Transfer-Encoding" not in headers
+    finally:
+        lsock.close()
+
+
+def test_proxy_to_an_unreachable_upstream_is_a_502():
+    with closed_port() as (host, port):
+        with FaultServer(infer=proxy_to(host, port, timeout=1)) as fs:
             code, _, body = _get(fs.address, "/v2/models/m/infer", "POST", b"{}")
         assert code == 502 and "error" in json.loads(body)
-    finally:
-        spare.close()
 
 
 def test_fault_server_http_details():

@@ -22,6 +22,7 @@ from .link import Link
 from .profiles import (PROFILES, Mode, NetworkProfile, add_network_arguments, get_profile, parse_loss,
                        profile_from_args, profile_from_namespace)
 from .proxy import NetworkProxy, ProxyStats
+from ._service import closed_port
 
 __all__ = [
     "NetworkProxy", "ProxyStats", "NetworkProfile", "Mode", "PROFILES", "get_profile", "profile_from_args",
@@ -29,5 +30,5 @@ __all__ = [
     "FaultServer", "RequestRecord", "ROUTES", "classify",
     "Behaviour", "Status", "Garbage", "Slow", "Blackhole", "Close", "Sequence", "ProxyTo", "ModelMetadata", "InferOk",
     "status", "garbage", "slow", "blackhole", "close", "sequence", "proxy_to", "model_metadata", "infer_ok",
-    "GARBAGE_KINDS", "NetsimError", "ProfileError", "LoopbackOnlyError", "ServiceStateError",
+    "closed_port", "GARBAGE_KINDS", "NetsimError", "ProfileError", "LoopbackOnlyError", "ServiceStateError",
 ]

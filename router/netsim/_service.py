@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ipaddress
 import select
 import selectors
@@ -15,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import LoopbackOnlyError, ServiceStateError
@@ -77,6 +78,18 @@ async def connect_loopback(host: str, port: int, timeout: float, *,
         # fd is already queued, and must not hit a new socket that reused the number.
         loop.call_soon(sock.close)
         raise
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[tuple[str, int]]:
+    """``(127.0.0.1, port)`` where connections are refused for the duration of the block: the
+    port is bound (so nothing else can take it) but not listening -- a "server down" target."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        yield LOOPBACK, sock.getsockname()[1]
+    finally:
+        sock.close()
 
 
 def rst_socket(sock: Any) -> None:

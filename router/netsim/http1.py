@@ -81,8 +81,13 @@ async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]
         if length > max_body:
             raise HttpError(413, f"body of {length} bytes exceeds {max_body}")
         return await reader.readexactly(length)
-    if until_eof:
-        return await reader.read(max_body)
+    if until_eof:  # no framing: the body is everything up to the close
+        body = bytearray()
+        while chunk := await reader.read(65536):
+            body += chunk
+            if len(body) > max_body:
+                raise HttpError(502, f"upstream body exceeds {max_body} bytes")
+        return bytes(body)
     return b""
 
 
