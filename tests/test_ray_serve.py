@@ -164,3 +164,24 @@ def test_overload_answers_503_with_retry_after(ray_service):
     with httpx.Client(base_url=ray_service.url, timeout=TIMEOUT, trust_env=False) as c:
         assert c.get("/v2/health/ready").status_code == 200
 
+
+
+@pytestmark_ray
+def test_router_escalates_to_ray_serve(ray_service):
+    from edge_model.runtime import OnnxClassifier
+    from router import Router
+    from router.policy import parse_policy
+
+    policy = parse_policy({
+        "mode": "cloud_only",
+        "default_deadline_ms": 10_000,  # a hang bound on a busy 2-core machine, not a speed goal
+        "cloud": {"endpoints": [{"name": "ray", "url": ray_service.url, "model": MODEL}], "per_try_timeout_ms": 10_000},
+        "decision_log": False,
+    })
+    pixels = sample_pixels(8)
+    expected = OnnxClassifier(ray_service.settings.model.manifest).classify(list(pixels))
+    with Router(policy) as router:
+        predictions = router.predict_batch(list(pixels))
+    for p, want in zip(predictions, expected):
+        assert p.source == "cloud" and not p.fallback and p.endpoint == "ray", p
+        np.testing.assert_allclose(p.probabilities, want, atol=1e-5)
