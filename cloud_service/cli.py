@@ -18,6 +18,7 @@ import argparse
 import copy
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -107,15 +108,27 @@ def serve(settings, fd: int | None = None) -> int:
     from cloud_service.settings import SETTINGS_JSON_ENV, SettingsError
 
     s = settings.server
+    # An inherited descriptor is wrapped here, not by uvicorn: uvicorn's --fd path builds the socket
+    # with socket.fromfd(fd, AF_UNIX, ...), so asyncio never sets TCP_NODELAY on the accepted TCP
+    # connections and every response waits ~40 ms for the client's delayed ACK (Nagle).
+    # socket.socket(fileno=fd) detects the real family (AF_INET) instead.
+    sockets = [socket.socket(fileno=fd)] if fd is not None else None
     common = dict(
-        host=s.host, port=s.port, fd=fd, log_level=s.log_level, log_config=log_config(s.log_level),
+        host=s.host, port=s.port, log_level=s.log_level, log_config=log_config(s.log_level),
         access_log=s.access_log, timeout_graceful_shutdown=s.graceful_timeout_s, server_header=False,
         lifespan="on",
     )
     if s.workers > 1:
         # Each worker process builds its own app (and loads the model) from the resolved settings.
         os.environ[SETTINGS_JSON_ENV] = settings.to_json()
-        uvicorn.run("cloud_service.app:create_app_from_environment", factory=True, workers=s.workers, **common)
+        if sockets is None:
+            uvicorn.run("cloud_service.app:create_app_from_environment", factory=True, workers=s.workers, **common)
+        else:  # what uvicorn.run does for workers > 1, with our correctly-typed socket
+            from uvicorn.supervisors import Multiprocess
+
+            config = uvicorn.Config("cloud_service.app:create_app_from_environment", factory=True,
+                                    workers=s.workers, **common)
+            Multiprocess(config, sockets=sockets).run()
         return 0
     from cloud_service.app import create_app
 
@@ -126,7 +139,7 @@ def serve(settings, fd: int | None = None) -> int:
         return 2
     server = uvicorn.Server(uvicorn.Config(app, **common))
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit as exc:  # uvicorn exits on start-up failure (lifespan error, bind error)
         logging.getLogger("cloud_service").error("start-up failed (exit %s)", exc.code)
         return STARTUP_FAILURE
