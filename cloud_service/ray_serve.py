@@ -82,11 +82,11 @@ def build_application(settings: ServiceSettings):
     def build_app():
         # Runs inside each replica: the very same app the local engine serves.
         from cloud_service.app import create_app
-        from cloud_service.ray_serve import replica_id_middleware
+        from cloud_service.ray_serve import ReplicaIdMiddleware, replica_id
         from cloud_service.settings import ServiceSettings
 
         app = create_app(ServiceSettings.from_json(settings_json))
-        app.add_middleware(replica_id_middleware(), replica_id=_replica_id())
+        app.add_middleware(ReplicaIdMiddleware, replica_id=replica_id())
         return app
 
     options = deployment_options(settings)
@@ -106,31 +106,28 @@ def build_application(settings: ServiceSettings):
     return CloudService.bind()
 
 
-def replica_id_middleware():
-    """A pure-ASGI middleware class adding ``X-Replica-Id`` to every response."""
+class ReplicaIdMiddleware:
+    """Pure ASGI: adds ``X-Replica-Id`` to every response, so clients and tests see who answered."""
 
-    class ReplicaIdMiddleware:
-        def __init__(self, app, replica_id: str) -> None:
-            self.app = app
-            self.header = (REPLICA_HEADER.lower().encode(), replica_id.encode())
+    def __init__(self, app, replica_id: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica_id.encode())
 
-        async def __call__(self, scope, receive, send) -> None:
-            if scope["type"] != "http":
-                await self.app(scope, receive, send)
-                return
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
 
-            async def tagged_send(message) -> None:
-                if message["type"] == "http.response.start":
-                    message = dict(message)
-                    message["headers"] = [*message.get("headers", []), self.header]
-                await send(message)
+        async def tagged_send(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
 
-            await self.app(scope, receive, tagged_send)
-
-    return ReplicaIdMiddleware
+        await self.app(scope, receive, tagged_send)
 
 
-def _replica_id() -> str:
+def replica_id() -> str:
+    """This Serve replica's id (``host:pid`` outside a replica)."""
     try:
         from ray import serve
 
@@ -220,14 +217,16 @@ class LocalRayServe:
         if self.private_temp_dir:
             # A short path: Ray puts Unix sockets under it (108-byte limit).
             self._temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        # Only processes that appear from here on are this Ray's (not, say, a test's other servers).
+        others = _descendants(os.getpid())
         try:
             init_local_ray(num_cpus=self.num_cpus, object_store_mb=self.object_store_mb,
                            temp_dir=self._temp_dir, log_to_driver=self.log_to_driver)
-            self._processes = _descendants(os.getpid())
+            self._processes = _descendants(os.getpid()) - others
             self.url = deploy(self.settings, timeout_s=self.timeout_s)
-            self._processes |= _descendants(os.getpid())
+            self._processes |= _descendants(os.getpid()) - others
         except BaseException:
-            self._processes |= _descendants(os.getpid())
+            self._processes |= _descendants(os.getpid()) - others
             self.__exit__()
             raise
         self.startup_s = time.monotonic() - started
