@@ -22,7 +22,7 @@ from edge_model.data import load_test  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 HTTP_TIMEOUT = httpx.Timeout(20.0)
-BATCH_WINDOW_US = 50_000  # a wide batching window so concurrent requests surely share executions
+BATCH_WINDOW_US = 200_000  # a wide batching window so concurrent requests surely share executions
 
 
 @pytest.fixture(scope="module")
