@@ -244,7 +244,10 @@ class LocalRayServe:
                 serve.shutdown()
         finally:
             # Also after an interrupted ray.init (not "initialized", yet its processes run).
-            ray.shutdown(wait_for_processes=True)
+            try:
+                ray.shutdown(wait_for_processes=True)
+            except TypeError:  # older Ray: no such argument; _reap() waits instead
+                ray.shutdown()
             self._reap(timeout_s=15.0)
             if self._temp_dir is not None:
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
