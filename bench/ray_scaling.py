@@ -193,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[Row] = []
     try:
         if not args.no_local:
-            svc = LocalService(args.config)
+            svc = LocalService(args.config, log_path=work / "local-service.log")
             try:
                 svc.start()
                 for shape, n in shapes:
