@@ -108,11 +108,16 @@ def test_simulated_wan_delay_reaches_the_escalated_requests(tmp_path, service, t
     assert wan["network"]["profile"].startswith("wan40: rtt 40 ms")
     proxy = wan["network"]["proxy"]
     assert proxy["connections_accepted"] >= 1 and proxy["bytes_to_upstream"] >= wan["cloud"]["bytes_sent"]
-    # Each escalation is one round trip over the link: ~40 ms more than on loopback (generous bounds).
-    extra = wan["latency_ms"]["router_escalated"]["mean"] - near["latency_ms"]["router_escalated"]["mean"]
-    assert 25 <= extra <= 400, extra
-    extra_base = wan["latency_ms"]["cloud_only"]["mean"] - near["latency_ms"]["cloud_only"]["mean"]
-    assert 25 <= extra_base <= 400, extra_base
+    # Each escalation crosses the link once (request + response): at least one RTT (40 ms, jitter
+    # +-1 ms each way) on every escalated request -- a bound the machine's load cannot break.
+    wan_cloud = [x["latency_ms"] for x in wan["records"] if x["source"] == "cloud"]
+    near_cloud = [x["latency_ms"] for x in near["records"] if x["source"] == "cloud"]
+    assert wan_cloud and near_cloud
+    assert min(wan_cloud) >= 37, sorted(wan_cloud)[:5]
+    assert wan["latency_ms"]["cloud_only"]["p50"] >= 37  # the cloud-only baseline takes the same path
+    # ... and roughly the RTT more than on loopback (generous: service time varies with load;
+    # the fastest requests show the added delay best)
+    assert 10 <= min(wan_cloud) - min(near_cloud) <= 400, (min(wan_cloud), min(near_cloud))
     # The confident path never touches the network.
     assert wan["latency_ms"]["router_confident"]["p50"] < 40
 
