@@ -301,8 +301,9 @@ class Router:
         io = self._start_io()
         fut = io.submit(self._cloud.infer(call))
         try:
-            # infer() bounds itself with asyncio.timeout; this guards only against a stuck loop.
-            return fut.result(call.timeout_s + 0.25)
+            # infer() bounds itself with asyncio.timeout; this guards only against a stalled I/O
+            # loop, with a margin small enough to keep the caller inside its deadline.
+            return fut.result(call.timeout_s + 0.02)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms")
