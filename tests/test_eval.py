@@ -93,6 +93,9 @@ def test_report_numbers_agree_with_the_raw_predictions(tmp_path, service, thresh
     assert lat["router"]["n"] == n and lat["cloud_only"]["n"] + lat["cloud_only_errors"] == r["run"]["baseline_requests"] == 40
     assert lat["router"]["p50"] <= lat["router"]["p95"] <= lat["router"]["p99"] <= lat["router"]["max"]
     assert lat["router"]["mean"] == pytest.approx(np.mean([x["latency_ms"] for x in recs]))
+    paired = lat["router_on_baseline_images"]
+    assert paired["n"] == lat["cloud_only"]["n"]
+    assert lat["ratio_mean"] == pytest.approx(paired["mean"] / lat["cloud_only"]["mean"])
     assert r["deadline"]["answered"] == n
     assert r["network"] == {"profile": "direct (no proxy)", "proxy": None}
 

@@ -270,7 +270,8 @@ def render_table(console, r: dict) -> None:
         t.add_row("cloud-only failures", f"[yellow]{lat['cloud_only_errors']} of {r['run']['baseline_requests']}: "
                   f"{lat['cloud_only_error_types']}[/yellow]")
     if lat["ratio_mean"] is not None:
-        t.add_row("router / cloud-only", f"mean {lat['ratio_mean']:.3f}x  p50 {lat['ratio_p50']:.3f}x  p99 {lat['ratio_p99']:.3f}x")
+        t.add_row(f"router / cloud-only (same {lat['cloud_only']['n']} images)",
+                  f"mean {lat['ratio_mean']:.3f}x  p50 {lat['ratio_p50']:.3f}x  p99 {lat['ratio_p99']:.3f}x")
     t.add_row("deadline", f"{r['policy']['deadline_ms']:g} ms: {dl['within_deadline']}/{dl['requests']} answered within "
               f"({dl['share_within_deadline']:.2%}); max overrun {dl['max_overrun_ms']:.1f} ms")
     if "outage" in r:
@@ -314,7 +315,7 @@ def render_markdown(r: dict, png_name: str) -> str:
         f"- Router vs cloud-only accuracy: {(acc['router'] - acc['cloud_only']) * 100:+.2f} pt.",
     ]
     if lat["ratio_mean"] is not None:
-        lines.append(f"- Router / cloud-only latency (same network path, same run, {cl['n']} cloud-only requests): "
+        lines.append(f"- Router / cloud-only latency (same network path, same run, the same {cl['n']} images): "
                      f"mean {lat['ratio_mean']:.3f}x, p50 {lat['ratio_p50']:.3f}x, p99 {lat['ratio_p99']:.3f}x.")
     if lat["cloud_only_errors"]:
         lines.append(f"- Cloud-only requests that failed (excluded from its latency): {lat['cloud_only_errors']} "
