@@ -147,6 +147,14 @@ def _run(args: argparse.Namespace) -> int:
     table.add_row(f"[bold]chosen: {choice.rule}[/bold]", f"[bold]{choice.threshold:g}[/bold]", f"[bold]{p.escalation:.1%}[/bold]",
                   f"[bold]{p.accuracy:.2%}[/bold]", f"{(p.accuracy - s.cloud_accuracy) * 100:+.2f} pt")
     console.print(table)
+    points = Table(title="The trade-off at other escalation rates (same data)")
+    for col in ("escalated", "threshold", "accuracy", "vs cloud-only"):
+        points.add_column(col, justify="right")
+    for share in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
+        c = cal.by_escalation(s, share)
+        points.add_row(f"{c.point.escalation:.1%}", f"{c.threshold:g}", f"{c.point.accuracy:.2%}",
+                       f"{(c.point.accuracy - s.cloud_accuracy) * 100:+.2f} pt")
+    console.print(points)
     console.print(f"ECE of the edge model: {ece0:.4f}" + (f" -> {ece1:.4f} after refit" if args.refit_temperature else ""))
     if policy.class_thresholds:
         console.print(f"[yellow]note: {policy_path} has class_thresholds {dict(policy.class_thresholds)}; "
