@@ -117,6 +117,10 @@ def create_app(settings: Optional[ServiceSettings] = None, env: Optional[Mapping
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's native OpenTelemetry (newer versions; older ones ignore the keyword): off. Our
+        # metrics are Prometheus; an exporter configured from the environment must not send
+        # anything anywhere, and its per-request checks cost event-loop time.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.dataplane = dataplane
@@ -291,6 +295,7 @@ class _EdgeMiddleware:
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.infer = infer
+        self._cache: dict[tuple[str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -342,8 +347,18 @@ class _EdgeMiddleware:
             else:
                 route = scope.get("route")
                 endpoint = getattr(route, "path", None) or "unmatched"
-            m.requests.labels(endpoint, str(status)).inc()
-            m.request_latency.labels(endpoint).observe(time.monotonic() - started)
+            counter, latency = self._children(endpoint, status)
+            counter.inc()
+            latency.observe(time.monotonic() - started)
+
+    def _children(self, endpoint: str, status: int):
+        """Label children cached per (route template, status): a bounded set, looked up on every request."""
+        key = (endpoint, status)
+        children = self._cache.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(endpoint, str(status)), self.metrics.request_latency.labels(endpoint))
+            self._cache[key] = children
+        return children
 
 
 class _InferEndpoint:
