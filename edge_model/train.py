@@ -275,25 +275,85 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
         quantize_int8(fp32, files["int8"], val.images[:1000])
 
     version = version or time.strftime("%Y%m%d") + f"-s{seed}"
-    manifests = {}
-    for precision, path in files.items():
-        temp = fit_temperature(onnx_logits(path, val.images), val.labels)
-        test_logits = onnx_logits(path, test.images)
-        metrics = {"test": _metrics(test_logits, test.labels, temp), "file_bytes": path.stat().st_size}
-        m = Manifest(
-            name=f"fashion-mnist-{kind}", version=version, file=path.name, sha256=sha256_file(path),
-            precision=precision, labels=list(ds.LABELS),
-            input=InputSpec(name="input", shape=[-1, 1, 28, 28], mean=MEAN, std=STD),
-            output_name="logits", temperature=round(temp, 5), flops=flops, params=params,
-            metrics=metrics,
-            recipe={**asdict(recipe), "train_images": len(train), "train_seconds": round(train_s),
-                    "torch": torch.__version__, "optimizer": "SGD nesterov + OneCycle"},
-            twin=fp32.name if precision == "int8" else None,
-        )
-        m.save(path.with_suffix(".json"))
-        manifests[precision] = m
-        log(f"[{kind}/{precision}] test {json.dumps(metrics)} T={temp:.3f}")
+    recipe_info = {**asdict(recipe), "train_images": len(train), "train_seconds": round(train_s),
+                   "torch": torch.__version__, "optimizer": "SGD nesterov + OneCycle"}
+    manifests = {
+        precision: package(kind, path, val, test, version=version, flops=flops, params=params, recipe=recipe_info,
+                           twin=fp32.name if precision == "int8" else None, log=log)
+        for precision, path in files.items()
+    }
     return manifests.get("int8") or manifests["fp32"]
+
+
+def package(kind: str, path: Path, val: ds.Split, test: ds.Split, *, version: str, flops: int, params: int,
+            recipe: dict, twin: str | None = None, log=print) -> Manifest:
+    """Fit the temperature on ``val``, measure on ``test`` and write the manifest next to ``path``."""
+    precision = "int8" if path.stem.endswith("int8") else "fp32"
+    temp = fit_temperature(onnx_logits(path, val.images), val.labels)
+    test_logits = onnx_logits(path, test.images)
+    metrics = {"test": _metrics(test_logits, test.labels, temp), "file_bytes": path.stat().st_size}
+    m = Manifest(
+        name=f"fashion-mnist-{kind}", version=version, file=path.name, sha256=sha256_file(path),
+        precision=precision, labels=list(ds.LABELS),
+        input=InputSpec(name="input", shape=[-1, 1, 28, 28], mean=MEAN, std=STD),
+        output_name="logits", temperature=round(temp, 5), flops=flops, params=params,
+        metrics=metrics, recipe=recipe, twin=twin,
+    )
+    m.save(path.with_suffix(".json"))
+    log(f"[{kind}/{precision}] test {json.dumps(metrics)} T={temp:.3f}")
+    return m
+
+
+def add_flip_tta(src: Path, dst: Path) -> None:
+    """Rewrite an exported classifier so that it averages the logits of each image and its mirror
+    image (horizontal-flip test-time augmentation, matching the flips seen in training).
+
+    input [N,1,H,W] -> Concat(input, Slice(input, W reversed)) [2N,...] -> original graph
+    -> logits [2N,C] -> Reshape [2,N,C] -> ReduceMean over the first axis -> logits [N,C].
+    One batched ONNX Runtime call, twice the FLOPs; the graph keeps its dynamic batch dimension.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    inp, out = g.input[0].name, g.output[0].name
+    for node in g.node:
+        node.input[:] = ["tta_x2" if n == inp else n for n in node.input]
+        node.output[:] = ["tta_logits2" if n == out else n for n in node.output]
+    consts = {
+        "tta_starts": np.array([-1], np.int64), "tta_ends": np.array([np.iinfo(np.int64).min], np.int64),
+        "tta_axes": np.array([3], np.int64), "tta_steps": np.array([-1], np.int64),
+        "tta_shape": np.array([2, -1, g.output[0].type.tensor_type.shape.dim[1].dim_value or 10], np.int64),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    pre = [
+        helper.make_node("Slice", [inp, "tta_starts", "tta_ends", "tta_axes", "tta_steps"], ["tta_flip"]),
+        helper.make_node("Concat", [inp, "tta_flip"], ["tta_x2"], axis=0),
+    ]
+    post = [
+        helper.make_node("Reshape", ["tta_logits2", "tta_shape"], ["tta_pairs"]),
+        helper.make_node("ReduceMean", ["tta_pairs"], [out], axes=[0], keepdims=0),
+    ]
+    nodes = pre + list(g.node) + post
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def apply_flip_tta(manifest_path: Path, log=print) -> Manifest:
+    """Turn a shipped model into its flip-TTA version in place and re-package it (temperature,
+    test metrics, manifest). Used for the cloud model, whose latency is not on the hot path."""
+    old = Manifest.load(manifest_path)
+    if old.recipe.get("tta") == "hflip":
+        raise SystemExit(f"{manifest_path}: already uses flip TTA")
+    path = manifest_path.parent / old.file
+    add_flip_tta(path, path)
+    kind = old.name.rsplit("-", 1)[-1]
+    return package(kind, path, ds.load_validation(), ds.load_test(), version=old.version, flops=2 * old.flops,
+                   params=old.params, recipe={**old.recipe, "tta": "hflip"}, twin=old.twin, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

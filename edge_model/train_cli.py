@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="artifact directory (default: the package's artifacts/)")
     p.add_argument("--train-limit", type=int, help="train on the first N images only (smoke runs)")
     p.add_argument("--version", help="version string written into the manifest")
+    p.add_argument("--apply-flip-tta", action="store_true",
+                   help="do not train: turn the model already in --out (default: the shipped one) into its "
+                        "horizontal-flip test-time-augmented version and re-measure it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +23,12 @@ def run(args: argparse.Namespace) -> int:
         from edge_model import train
     except ImportError as exc:
         raise SystemExit(f"training needs the train extra: pip install -e '.[train]' ({exc})") from None
+    if args.apply_flip_tta:
+        from pathlib import Path
+
+        out = Path(args.out) if args.out else train.DEFAULT_OUT[args.kind]
+        train.apply_flip_tta(out / f"{args.kind}-fp32.json")
+        return 0
     train.run(args.kind, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed, out=args.out,
               train_limit=args.train_limit, version=args.version)
     return 0
