@@ -159,17 +159,13 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
 
             raise EdgeError("the policy's edge model cannot be loaded; nothing to evaluate")
         # ------------------------------------------------------------ 1. model figures
-        if progress:
-            progress("scoring", 0, 2)
         edge_probs = model_probs(edge, data.pixels)
-        if progress:
-            progress("scoring", 1, 2)
         ep = policy.cloud.endpoints[0]
         with V2BatchClient(settings.cloud_url, ep.model, version=ep.version, api_key_env=ep.api_key_env,
                            batch_size=settings.scoring_batch) as client:
-            cloud_probs, remote = client.predict_proba(data.pixels, edge.preprocess_config)
-        if progress:
-            progress("scoring", 2, 2)
+            cloud_probs, remote = client.predict_proba(
+                data.pixels, edge.preprocess_config,
+                progress=(lambda d, t: progress("cloud-only accuracy", d, t)) if progress else None)
         s = sweep(edge_probs, cloud_probs, data.labels)
         edge_pred, edge_conf = edge_probs.argmax(axis=1), edge_probs.max(axis=1)
         cloud_pred = cloud_probs.argmax(axis=1)

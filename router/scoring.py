@@ -109,8 +109,10 @@ class V2BatchClient:
             self._info = parse_metadata(r.content, self.endpoint)
         return self._info
 
-    def predict_proba(self, pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, RemoteModel]:
-        """Probabilities for ``uint8 [N, H, W]`` pixels, ``batch_size`` images per request."""
+    def predict_proba(self, pixels: np.ndarray, config: PreprocessConfig,
+                      progress=None) -> tuple[np.ndarray, RemoteModel]:
+        """Probabilities for ``uint8 [N, H, W]`` pixels, ``batch_size`` images per request
+        (``progress(done, total)`` after each)."""
         from cloud_service.protocol import model_path
         from router.cloud import build_infer_body, parse_infer_response
 
@@ -124,6 +126,8 @@ class V2BatchClient:
             r = self._request("POST", path, content=body)
             probs, version = parse_infer_response(r.content, self.endpoint, len(px))
             out.append(probs)
+            if progress is not None:
+                progress(min(i + self.batch_size, len(pixels)), len(pixels))
         probs = np.concatenate(out) if out else np.empty((0, 0), np.float32)
         version = version or (info.versions[0] if info.versions else "")
         return probs, RemoteModel(self.endpoint.url, self.endpoint.model, version, info.datatype)
