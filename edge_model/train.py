@@ -52,7 +52,8 @@ class Recipe:
 
 RECIPES = {
     "edge": Recipe(kind="edge", epochs=30, lr=0.05, weight_decay=3e-4),
-    "cloud": Recipe(kind="cloud", epochs=30, lr=0.05, weight_decay=5e-4, erase_p=0.5),
+    # 1.0.0 was trained for 20 epochs (93.82 %, 94.00 % with flip TTA); 40 are meant to pass 94.5 %.
+    "cloud": Recipe(kind="cloud", epochs=40, lr=0.05, weight_decay=5e-4, erase_p=0.5),
 }
 
 
@@ -265,6 +266,8 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
     model = train_torch(recipe, train, log=log)
     train_s = time.perf_counter() - t0
     flops, params = count_flops(model)
+    # The torch weights stay beside the artifacts (git-ignored): fine-tuning later needs them.
+    torch.save(model.state_dict(), out / f"{kind}.pt")
 
     fp32 = out / f"{kind}-fp32.onnx"
     export_onnx(model, fp32)
