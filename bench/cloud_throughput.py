@@ -488,6 +488,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if subprocess.run(["pgrep", "-f", "edge_model.train"], capture_output=True).returncode == 0:
         print("WARNING: model training is running on this machine; numbers will be depressed and noisy")
 
+    # The ceiling first, while nothing else runs (and a broken artifact fails the run at once).
+    ceiling = raw_ceiling(args.threads, instances, (1, max_batch), seconds=min(3.0, args.duration))
     work = Path(tempfile.mkdtemp(prefix="cloud-bench-"))
     body_bytes, reference = request_body(args.datatype)
     body = work / "body.json"
@@ -534,7 +536,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[target.key].server_stats = target.stats()
     shutil.rmtree(work, ignore_errors=True)
 
-    ceiling = raw_ceiling(args.threads, instances, (1, max_batch), seconds=min(3.0, args.duration))
     ordered = [results[k] for k in "abcd" if k in results]
     ratios = print_report(ordered, ceiling, args)
     if args.json:
