@@ -171,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
         old = policy_path.read_text()
         new = edit_policy(old, changes, source=str(policy_path))
         if args.print_patch:
-            print(unified_diff(old, new, str(policy_path)) or f"# {policy_path}: already up to date", end="")
+            patch = unified_diff(old, new, str(policy_path))
+            print(patch, end="") if patch else print(f"# {policy_path}: already up to date")
         if args.write:
             if new != old:
                 write_atomic(policy_path, new)
