@@ -134,7 +134,8 @@ class _Demo:
                 self.scenario(router, proxy, "3. Cloud outage mid-stream", k,
                               "The service process dies part-way; every request must still be answered in time.",
                               before=kill, short="cloud outage",
-                              until=lambda rows: sum(r["fallback"] for r in rows) >= 2)
+                              until=lambda rows: sum(r["fallback"] for r in rows) >= 2
+                              and "open" in self.breaker_states(router))
                 c.print(f"breaker: {self.breaker(router)}")
                 restart = threading.Thread(target=self._restart, args=(svc,), name="demo-restart", daemon=True)
                 restart.start()
@@ -149,7 +150,7 @@ class _Demo:
                 self.scenario(router, proxy, "5. Recovery", k,
                               "The breaker half-opens, a trial call succeeds, it closes, escalations resume.",
                               short="recovery", until=lambda rows: any(r["source"] == "cloud" for r in rows)
-                              and "closed" in self.breaker(router))
+                              and self.breaker_states(router) == {"closed"})
             self.final_summary(router)
         self.check_clean()
         return 0
@@ -172,6 +173,10 @@ class _Demo:
         self._pending_note = text
         if not self.live:
             self.console.print(text)
+
+    @staticmethod
+    def breaker_states(router) -> set[str]:
+        return {e["breaker"] for e in router.stats()["endpoints"].values()}
 
     @staticmethod
     def breaker(router) -> str:
