@@ -487,6 +487,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"batching max {max_batch} rows / {delay_ms} ms; ONNX Runtime {args.threads} thread(s) x {instances} instance(s)")
     if subprocess.run(["pgrep", "-f", "edge_model.train"], capture_output=True).returncode == 0:
         print("WARNING: model training is running on this machine; numbers will be depressed and noisy")
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"WARNING: load average {load_before:.2f} before the run: the machine is not idle; "
+              "compare the 'server cores' column with the CPU count")
 
     # The ceiling first, while nothing else runs (and a broken artifact fails the run at once).
     ceiling = raw_ceiling(args.threads, instances, (1, max_batch), seconds=min(3.0, args.duration))
@@ -538,6 +542,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ordered = [results[k] for k in "abcd" if k in results]
     ratios = print_report(ordered, ceiling, args)
+    print(f"load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (includes this run's own load)")
     if args.json:
         args.json.write_text(json.dumps({
             "settings": {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
