@@ -42,7 +42,7 @@ class EvalSettings:
     route_url: str  # what the router is given (the proxy's URL, or cloud_url)
     deadline_ms: Optional[float] = None
     threshold: Optional[float] = None
-    concurrency: int = 8
+    concurrency: int = 2
     baseline_limit: int = 1000
     outage: bool = False
     scoring_batch: int = 64
@@ -105,6 +105,7 @@ async def _stream(router, pixels: np.ndarray, indices: np.ndarray, *, concurrenc
                 rec = {"i": i, "pred": None, "source": None, "reason": None, "fallback": None, "confidence": None,
                        "attempts": None, "latency_ms": wall, "router_ms": None, "cloud_ms": None,
                        "error": f"{type(exc).__name__}: {exc}"}
+            rec["done_at"] = time.perf_counter()
             records[j] = rec
             done += 1
             if progress is not None:
@@ -112,6 +113,22 @@ async def _stream(router, pixels: np.ndarray, indices: np.ndarray, *, concurrenc
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(indices))))))
     return [r for r in records if r is not None]
+
+
+def phase_summary(rs: list[dict], deadline_ms: float) -> dict:
+    """Accuracy, escalation, fallbacks and latency of a slice of the records."""
+    answered = [r for r in rs if r["error"] is None]
+    n = len(rs)
+    return {
+        "requests": n,
+        "answered": len(answered),
+        "accuracy": sum(r["pred"] == r["label"] for r in answered) / n if n else None,
+        "escalation_rate": sum(r["source"] == "cloud" for r in answered) / n if n else None,
+        "fallbacks": sum(bool(r["fallback"]) for r in answered),
+        "within_deadline": sum(r["latency_ms"] <= deadline_ms for r in answered),
+        "latency_ms": latency_summary([r["latency_ms"] for r in rs]),
+        "reasons": _count(f"{r['source']}/{r['reason']}" for r in answered),
+    }
 
 
 def _count(items) -> dict[str, int]:
@@ -196,7 +213,7 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
                     outage.update(active=True, start=j, t0=time.perf_counter())
                 elif j == 2 * third and outage["active"]:
                     await asyncio.to_thread(proxy.set_mode, "normal")
-                    outage.update(active=False, end=j, seconds=time.perf_counter() - outage["t0"])
+                    outage.update(active=False, end=j, t1=time.perf_counter(), seconds=time.perf_counter() - outage["t0"])
 
             records = await _stream(
                 router, data.pixels, np.arange(n), concurrency=settings.concurrency, deadline_ms=deadline_ms,
@@ -299,6 +316,17 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
     if outage.get("start") is not None:
         report["outage"] = {"range": [outage["start"], outage["end"]], "seconds": outage.get("seconds"),
                             **within([r for r in records if r.get("outage")])}
+        # before / during / after, and how long after the path came back escalations succeeded again
+        # (the breaker stays open for open_duration_s, then lets a trial call through)
+        phases = {"before": records[:outage["start"]], "during": records[outage["start"]:outage["end"]],
+                  "after": records[outage["end"]:]}
+        report["outage"]["phases"] = {k: phase_summary(v, deadline_ms) for k, v in phases.items()}
+        t1 = outage.get("t1")
+        back = [r["done_at"] - t1 for r in phases["after"] if t1 is not None and r["source"] == "cloud"]
+        report["outage"]["first_escalation_after_s"] = min(back) if back else None
+    t_base = min((r["done_at"] for r in records), default=0.0)
+    for r in records:
+        r["done_at"] = round(r["done_at"] - t_base, 6)  # seconds since the first answer
     pb, pa = extra["proxy"]
     if pa is not None:
         report["network"] = {"profile": proxy.profile.describe(), "proxy": {

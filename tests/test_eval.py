@@ -126,8 +126,8 @@ def test_simulated_wan_delay_reaches_the_escalated_requests(tmp_path, service, t
 
 
 def test_simulated_loss_costs_retransmission_delays(tmp_path, service, threshold):
-    r = run_eval(tmp_path, service, "lossy", "--limit", "40", "--threshold", repr(threshold), "--deadline-ms", "2000",
-                 "--baseline-limit", "24", "--rtt-ms", "2", "--loss", "30%")
+    r = run_eval(tmp_path, service, "lossy", "--limit", "30", "--threshold", repr(threshold), "--deadline-ms", "2000",
+                 "--baseline-limit", "12", "--rtt-ms", "2", "--loss", "30%")
     proxy = r["network"]["proxy"]
     assert proxy["losses_injected"] > 0 and proxy["chunks_delayed_by_loss"] > 0
     # a lost segment costs Linux's minimum RTO (200 ms) before it arrives
@@ -136,7 +136,7 @@ def test_simulated_loss_costs_retransmission_delays(tmp_path, service, threshold
 
 
 def test_outage_mid_run_every_request_is_answered(tmp_path, service, threshold):
-    deadline = 300
+    deadline = 1000  # generous: a loaded machine must not open the breaker before the outage
     r = run_eval(tmp_path, service, "outage", "--limit", "150", "--threshold", repr(threshold), "--deadline-ms",
                  str(deadline), "--baseline-limit", "8", "--outage", "--network", "lan")
     o = r["outage"]
@@ -151,6 +151,10 @@ def test_outage_mid_run_every_request_is_answered(tmp_path, service, threshold):
     # within the deadline, plus scheduling noise on a loaded 2-core machine (a hang bound, not a speed goal)
     assert max(x["latency_ms"] for x in r["records"]) <= deadline + 250
     assert r["deadline"]["answered"] == 150
+    phases = o["phases"]
+    assert [phases[k]["requests"] for k in ("before", "during", "after")] == [50, 50, 50]
+    assert phases["during"]["escalation_rate"] <= 10 / 50 and phases["during"]["fallbacks"] == len(fell_back)
+    assert phases["before"]["fallbacks"] == 0
 
 
 def test_models_only(tmp_path):
