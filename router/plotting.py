@@ -44,8 +44,10 @@ def plot_curve(s: Sweep, path: str | Path, *, title: str = "Accuracy vs escalati
             e, a, label = chosen
             ax.scatter([e * 100], [a * 100], s=140, marker="*", color="#d62728", zorder=4,
                        label=f"{label}: {e:.1%} escalated, {a:.2%}")
-        for (e, a, label), marker in zip(points, "Dv^P"):
-            ax.scatter([e * 100], [a * 100], s=70, marker=marker, zorder=4, label=f"{label}: {e:.1%}, {a:.2%}")
+        for (e, a, label), marker, color in zip(points, "Dv^P", ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")):
+            # hollow, so a chosen/predicted point underneath stays visible
+            ax.scatter([e * 100], [a * 100], s=150, marker=marker, zorder=5, facecolors="none", edgecolors=color,
+                       linewidths=1.8, label=f"{label}: {e:.1%}, {a:.2%}")
         lo = min(s.accuracy.min(), s.edge_accuracy) * 100
         hi = max(s.accuracy.max(), s.cloud_accuracy) * 100
         pad = max(0.5, (hi - lo) * 0.08)
