@@ -267,30 +267,42 @@ class CloudClient:
             return False
 
     async def infer(self, call: CloudCall) -> CloudReply | CloudError:
-        """One attempt; returns the reply or the translated error (never raises a foreign error)."""
+        """One attempt; returns the reply or the translated error (never raises a foreign error).
+        Rows beyond the endpoint's ``max_batch_size`` go as concurrent requests of that size."""
         ep = call.state.endpoint
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(call.timeout_s):
                 info = call.state.meta or await self.fetch_metadata(call.state, call.timeout_s)
-                body = build_infer_body(info, ep, call.x, call.pixels, call.budget_s, call.request_id)
                 t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
-                r = await self._client().post(
-                    ep.url + model_path(ep.model, ep.version) + "/infer",
-                    content=body, headers=self._headers(ep), timeout=call.timeout_s,
-                )
-            if r.status_code != 200:
-                err = error_from_status(r.status_code, r.headers, r.content, ep)
-            else:
-                probs, version = parse_infer_response(r.content, ep, len(call.x))
-                version = version or (info.versions[0] if info.versions else ep.version or "")
-                return CloudReply(probs, version, time.monotonic() - t_post, len(body))
+                size = ep.max_batch_size or len(call.x)
+                parts = await asyncio.gather(*(
+                    self._post(info, ep, call.x[i:i + size], None if call.pixels is None else call.pixels[i:i + size],
+                               call.budget_s, call.request_id if size >= len(call.x) else f"{call.request_id}.{i // size}",
+                               call.timeout_s)
+                    for i in range(0, len(call.x), size)
+                ))
+            probs = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+            version = parts[0][1] or (info.versions[0] if info.versions else ep.version or "")
+            return CloudReply(probs, version, time.monotonic() - t_post, sum(p[2] for p in parts))
         except CloudError as exc:
             err = exc
         except Exception as exc:  # noqa: BLE001 -- httpx, OSError, TimeoutError: translated here
             err = translate(exc, ep)
         err.elapsed_s = time.monotonic() - t0
         return err
+
+    async def _post(self, info: ModelInfo, ep: Endpoint, x, pixels, budget_s: float, request_id: str,
+                    timeout_s: float) -> tuple[np.ndarray, str, int]:
+        body = build_infer_body(info, ep, x, pixels, budget_s, request_id)
+        r = await self._client().post(
+            ep.url + model_path(ep.model, ep.version) + "/infer",
+            content=body, headers=self._headers(ep), timeout=timeout_s,
+        )
+        if r.status_code != 200:
+            raise error_from_status(r.status_code, r.headers, r.content, ep)
+        probs, version = parse_infer_response(r.content, ep, len(x))
+        return probs, version, len(body)
 
     async def aclose(self) -> None:
         for client in list(self._clients.values()):

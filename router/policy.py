@@ -62,6 +62,9 @@ class Endpoint(_Strict):
     output_name: str = "probabilities"
     output_kind: Literal["probabilities", "logits"] = "probabilities"
     initial_latency_ms: float = Field(20.0, gt=0, description="latency estimate before any call succeeded")
+    max_batch_size: Optional[int] = Field(
+        None, ge=1, description="rows per request the server accepts (Triton's max_batch_size); larger "
+                                "escalations are split into concurrent requests")
 
     @field_validator("url")
     @classmethod
