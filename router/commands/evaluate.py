@@ -135,7 +135,8 @@ def _run(args: argparse.Namespace) -> int:
     from router.errors import ConfigError
     from router.evaluation import EvalSettings, evaluate
     from router.labeled import load_labeled
-    from router.netsim import NetworkProxy, profile_from_namespace
+    from router.netsim import profile_from_namespace
+    from router.proxy_process import ProxyProcess
     from router.policy import load_policy
 
     if args.concurrency < 1:
@@ -169,8 +170,9 @@ def _run(args: argparse.Namespace) -> int:
             console.print(f"cloud service ready at {cloud_url} (pid {svc.pid})")
         proxy = None
         if profile is not None or args.outage:
-            proxy = stack.enter_context(NetworkProxy(cloud_url, profile or "loopback", seed=args.seed))
-            console.print(f"network: {proxy.profile.describe()} via proxy {proxy.url_for()}")
+            # in its own process: the simulated network must not share the measured router's GIL
+            proxy = stack.enter_context(ProxyProcess(cloud_url, profile or "loopback", seed=args.seed))
+            console.print(f"network: {proxy.profile.describe()} via proxy {proxy.url_for()} (pid {proxy.pid})")
         settings = EvalSettings(policy=policy, cloud_url=cloud_url, route_url=proxy.url_for() if proxy else cloud_url,
                                 deadline_ms=args.deadline_ms, threshold=args.threshold, concurrency=args.concurrency,
                                 baseline_limit=args.baseline_limit, outage=args.outage)
