@@ -321,22 +321,25 @@ def add_flip_tta(src: Path, dst: Path) -> None:
     model = onnx.load(str(src))
     g = model.graph
     inp, out = g.input[0].name, g.output[0].name
+    # Fresh names, so that the rewrite also applies to a graph that was rewritten before.
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    p = next(f"tta{i}_" for i in range(1000) if not any(name.startswith(f"tta{i}_") for name in taken))
     for node in g.node:
-        node.input[:] = ["tta_x2" if n == inp else n for n in node.input]
-        node.output[:] = ["tta_logits2" if n == out else n for n in node.output]
+        node.input[:] = [p + "x2" if n == inp else n for n in node.input]
+        node.output[:] = [p + "logits2" if n == out else n for n in node.output]
     consts = {
-        "tta_starts": np.array([-1], np.int64), "tta_ends": np.array([np.iinfo(np.int64).min], np.int64),
-        "tta_axes": np.array([3], np.int64), "tta_steps": np.array([-1], np.int64),
-        "tta_shape": np.array([2, -1, g.output[0].type.tensor_type.shape.dim[1].dim_value or 10], np.int64),
+        p + "starts": np.array([-1], np.int64), p + "ends": np.array([np.iinfo(np.int64).min], np.int64),
+        p + "axes": np.array([3], np.int64), p + "steps": np.array([-1], np.int64),
+        p + "shape": np.array([2, -1, g.output[0].type.tensor_type.shape.dim[1].dim_value or 10], np.int64),
     }
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     pre = [
-        helper.make_node("Slice", [inp, "tta_starts", "tta_ends", "tta_axes", "tta_steps"], ["tta_flip"]),
-        helper.make_node("Concat", [inp, "tta_flip"], ["tta_x2"], axis=0),
+        helper.make_node("Slice", [inp, p + "starts", p + "ends", p + "axes", p + "steps"], [p + "flip"]),
+        helper.make_node("Concat", [inp, p + "flip"], [p + "x2"], axis=0),
     ]
     post = [
-        helper.make_node("Reshape", ["tta_logits2", "tta_shape"], ["tta_pairs"]),
-        helper.make_node("ReduceMean", ["tta_pairs"], [out], axes=[0], keepdims=0),
+        helper.make_node("Reshape", [p + "logits2", p + "shape"], [p + "pairs"]),
+        helper.make_node("ReduceMean", [p + "pairs"], [out], axes=[0], keepdims=0),
     ]
     nodes = pre + list(g.node) + post
     del g.node[:]

@@ -103,6 +103,6 @@ def test_edge_pipeline(edge_run, eval_inputs):
 def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
     out, manifest = cloud_run
     assert manifest.precision == "fp32" and manifest.twin is None
-    assert sorted(p.name for p in out.iterdir()) == ["cloud-fp32.json", "cloud-fp32.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["cloud-fp32.json", "cloud-fp32.onnx", "cloud.pt"]
     _check_artifact(out / "cloud-fp32.json", eval_inputs)
     assert edge_run[1].flops * 10 < manifest.flops  # the edge network is an order of magnitude cheaper
