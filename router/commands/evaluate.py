@@ -273,6 +273,9 @@ def render_table(console, r: dict) -> None:
     if lat["cloud_only_errors"]:
         t.add_row("cloud-only failures", f"[yellow]{lat['cloud_only_errors']} of {r['run']['baseline_requests']}: "
                   f"{lat['cloud_only_error_types']}[/yellow]")
+    if lat["cloud_only"]["n"]:
+        t.add_row("cloud-only over the deadline", f"{lat['cloud_only_over_deadline']} of {r['run']['baseline_requests']} "
+                  f"(it waits for its answers; the router's deadline is {r['policy']['deadline_ms']:g} ms)")
     if lat["ratio_mean"] is not None:
         t.add_row(f"router / cloud-only (same {lat['cloud_only']['n']} images)",
                   f"mean {lat['ratio_mean']:.3f}x  p50 {lat['ratio_p50']:.3f}x  p99 {lat['ratio_p99']:.3f}x")
@@ -329,6 +332,9 @@ def render_markdown(r: dict, png_name: str) -> str:
     if lat["ratio_mean"] is not None:
         lines.append(f"- Router / cloud-only latency (same network path, same run, the same {cl['n']} images): "
                      f"mean {lat['ratio_mean']:.3f}x, p50 {lat['ratio_p50']:.3f}x, p99 {lat['ratio_p99']:.3f}x.")
+    if lat["cloud_only"]["n"]:
+        lines.append(f"- Cloud-only requests slower than the {r['policy']['deadline_ms']:g} ms deadline: "
+                     f"{lat['cloud_only_over_deadline']} of {r['run']['baseline_requests']} (the baseline waits for its answers).")
     if lat["cloud_only_errors"]:
         lines.append(f"- Cloud-only requests that failed (excluded from its latency): {lat['cloud_only_errors']} "
                      f"{lat['cloud_only_error_types']}.")
