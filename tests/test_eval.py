@@ -127,7 +127,7 @@ def test_simulated_wan_delay_reaches_the_escalated_requests(tmp_path, service, t
 
 def test_simulated_loss_costs_retransmission_delays(tmp_path, service, threshold):
     r = run_eval(tmp_path, service, "lossy", "--limit", "30", "--threshold", repr(threshold), "--deadline-ms", "2000",
-                 "--baseline-limit", "12", "--rtt-ms", "2", "--loss", "30%")
+                 "--baseline-limit", "12", "--rtt-ms", "2", "--loss", "15%")
     proxy = r["network"]["proxy"]
     assert proxy["losses_injected"] > 0 and proxy["chunks_delayed_by_loss"] > 0
     # a lost segment costs Linux's minimum RTO (200 ms) before it arrives
