@@ -186,3 +186,6 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "no such folder or CSV file" in capsys.readouterr().err
     assert main(["eval", "--network", "moon", "--limit", "5"]) == 2
     assert "unknown network profile 'moon'" in capsys.readouterr().err
+    # the simulated network only ever forwards to loopback
+    assert main(["eval", "--network", "wan40", "--cloud-url", "http://10.1.2.3:8000", "--limit", "5"]) == 2
+    assert "LoopbackOnlyError" in capsys.readouterr().err
