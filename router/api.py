@@ -97,7 +97,7 @@ class Router:
         self._lock = threading.RLock()
         self._telemetry = Telemetry()
         self._id_prefix, self._ids = os.urandom(4).hex(), itertools.count(1)  # unique per router, cheap per request
-        self._edge, self._edge_error = self._load_edge(policy, edge_model)
+        self._edge, self._edge_error = self._load_edge(policy, edge_model, self._policy_path)
         self._labels = self._edge.labels if self._edge else tuple(_default_labels())
         self._edge_version = self._edge.version if self._edge else "unavailable"
         self._pre = self._edge.preprocess_config if self._edge else PreprocessConfig()
@@ -120,10 +120,12 @@ class Router:
         return cls(load_policy(path), policy_path=path, **kwargs)
 
     @staticmethod
-    def _load_edge(policy: RoutingPolicy, given: OnnxClassifier | None):
+    def _load_edge(policy: RoutingPolicy, given: OnnxClassifier | None, policy_path: Path | None = None):
         if given is not None:
             return given, None
-        manifest = policy.edge.manifest or DEFAULT_EDGE_MANIFEST
+        manifest = Path(policy.edge.manifest) if policy.edge.manifest else DEFAULT_EDGE_MANIFEST
+        if not manifest.is_absolute() and policy_path is not None:
+            manifest = policy_path.parent / manifest  # relative to the policy file, not the working directory
         try:
             return EdgeModel(manifest, options=SessionOptions(intra_op_threads=policy.edge.intra_op_threads)), None
         except EdgeModelError as exc:
@@ -157,7 +159,7 @@ class Router:
                 policy = load_policy(self._policy_path)
                 self._mtime = self._file_mtime()
             if policy.edge != self._snap.policy.edge:
-                edge, err = self._load_edge(policy, None)
+                edge, err = self._load_edge(policy, None, self._policy_path)
                 if edge is None:
                     raise ConfigError(f"edge: {err}")
                 self._edge, self._edge_error = edge, None

@@ -229,3 +229,21 @@ def test_httpx_errors_are_translated():
     assert isinstance(translate(httpx.ReadTimeout("slow"), EP), CloudTimeout)
     assert isinstance(translate(TimeoutError(), EP), CloudTimeout)
     assert isinstance(translate(httpx.RemoteProtocolError("eof"), EP), CloudUnavailable)
+
+
+def test_relative_edge_manifest_resolves_against_the_policy_file(tmp_path, monkeypatch):
+    import shutil
+
+    from edge_model.runtime import DEFAULT_EDGE_MANIFEST
+    from router import Router
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for f in ("edge-int8.json", "edge-int8.onnx"):
+        shutil.copy(DEFAULT_EDGE_MANIFEST.parent / f, models / f)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "policy.yaml").write_text("edge: {manifest: ../models/edge-int8.json}\n")
+    monkeypatch.chdir(tmp_path / "models")  # a working directory from which the path would not resolve
+    with Router.from_config(conf / "policy.yaml") as r:
+        assert r.edge_model is not None and r.edge_model.manifest_path.resolve() == (models / "edge-int8.json").resolve()
