@@ -35,8 +35,10 @@ def test_defaults_without_file_or_environment():
     assert not s.auth.enabled and s.ray.autoscaling is None
 
 
-def test_shipped_config_is_valid_and_matches_the_defaults():
-    assert load_settings(SHIPPED, env={}) == ServiceSettings()
+def test_shipped_config_is_valid_and_differs_from_the_defaults_only_where_it_recommends():
+    shipped = load_settings(SHIPPED, env={})
+    assert shipped.runtime.instances == 2  # the 2-core recommendation
+    assert shipped.model_copy(update={"runtime": ServiceSettings().runtime}) == ServiceSettings()
 
 
 def test_file_values_and_relative_manifest(tmp_path):
