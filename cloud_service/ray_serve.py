@@ -66,12 +66,19 @@ def deployment_options(settings: ServiceSettings) -> dict[str, Any]:
         "max_ongoing_requests": r.max_ongoing_requests,
         "max_queued_requests": r.max_queued_requests,
         "graceful_shutdown_timeout_s": settings.server.graceful_timeout_s,
+        "logging_config": _logging_config(settings),
     }
     if r.autoscaling is not None:
         options["autoscaling_config"] = dict(r.autoscaling)
     else:
         options["num_replicas"] = r.replicas
     return options
+
+
+def _logging_config(settings: ServiceSettings) -> dict[str, Any]:
+    # Serve logs a line per request by default (costly at thousands of requests per second);
+    # follow the service's own access-log setting and level instead.
+    return {"enable_access_log": settings.server.access_log, "log_level": settings.server.log_level.upper()}
 
 
 def build_application(settings: ServiceSettings):
@@ -163,9 +170,10 @@ def deploy(settings: ServiceSettings, *, timeout_s: float = 120.0) -> str:
     host, port = settings.server.host, settings.server.port
     if port == 0:
         port = _free_port(host)
-    serve.start(http_options=HTTPOptions(
-        host=host, port=port, request_timeout_s=settings.ray.request_timeout_s,
-    ))
+    serve.start(
+        http_options=HTTPOptions(host=host, port=port, request_timeout_s=settings.ray.request_timeout_s),
+        logging_config=_logging_config(settings),  # the proxy and controller
+    )
     application = build_application(settings)
     started = time.monotonic()
     # serve.run waits for the app to be RUNNING (all replicas constructed, lifespan done).
