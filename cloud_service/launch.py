@@ -50,6 +50,19 @@ HOST = "127.0.0.1"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port(host: str = HOST) -> int:
+    """A port free on ``host`` right now (for servers that must be told a number, e.g. Ray, Triton)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 class ServiceStartError(RuntimeError):
     """The service did not become ready (exited, or timed out); the message carries its log tail."""
 

@@ -29,6 +29,8 @@ loopback, no dashboard), deploys, waits for the replicas and tears everything do
 
 from __future__ import annotations
 
+from cloud_service.launch import free_port, url_host
+
 import logging
 import os
 import signal
@@ -169,7 +171,7 @@ def deploy(settings: ServiceSettings, *, timeout_s: float = 120.0) -> str:
 
     host, port = settings.server.host, settings.server.port
     if port == 0:
-        port = _free_port(host)
+        port = free_port(host)
     serve.start(
         http_options=HTTPOptions(host=host, port=port, request_timeout_s=settings.ray.request_timeout_s),
         logging_config=_logging_config(settings),  # the proxy and controller
@@ -193,7 +195,7 @@ def deploy(settings: ServiceSettings, *, timeout_s: float = 120.0) -> str:
         raise RayServeError(f"Ray Serve app {APP_NAME!r} not running after {timeout_s:.0f} s")
     if done[0] is not None:
         raise RayServeError(f"Ray Serve could not deploy {APP_NAME!r}: {done[0]}") from done[0]
-    url = f"http://{_url_host(host)}:{port}"
+    url = f"http://{url_host(host)}:{port}"
     log.info("Ray Serve app %s running at %s after %.1f s", APP_NAME, url, time.monotonic() - started)
     return url
 
@@ -396,16 +398,6 @@ def _runtime_env() -> dict[str, Any]:
     }
     return {"env_vars": env, "worker_process_setup_hook": "cloud_service.ray_serve.bind_replica_grpc_to_loopback"}
 
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # ----------------------------------------------------------------------------- command line

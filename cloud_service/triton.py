@@ -41,6 +41,8 @@ stub's ``LD_LIBRARY_PATH`` while tritonserver is spawned.
 
 from __future__ import annotations
 
+from cloud_service.launch import free_port, url_host
+
 import argparse
 import logging
 import os
@@ -144,11 +146,11 @@ class TritonModelServer:
     @property
     def url(self) -> str:
         """Base URL of the v2 REST API (``{url}/v2/models/{model_name}/infer``)."""
-        return f"http://{_url_host(self.host)}:{self.http_port}"
+        return f"http://{url_host(self.host)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.metrics_port}/metrics"
+        return f"http://{url_host(self.host)}:{self.metrics_port}/metrics"
 
     @property
     def model_version(self) -> str:
@@ -188,7 +190,7 @@ class TritonModelServer:
         )
         for key, port in self._ports.items():
             if port == 0:
-                self._ports[key] = _free_port(self.host)
+                self._ports[key] = free_port(self.host)
         self._workdir = Path(tempfile.mkdtemp(prefix="triton-"))
         config = TritonConfig(
             http_address=self.host, http_port=self.http_port,
@@ -316,16 +318,6 @@ def _stub_libpython_env():
         else:
             os.environ["LD_LIBRARY_PATH"] = old
 
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # --------------------------------------------------------------------------- command line

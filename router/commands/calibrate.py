@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 
+from router.commands._common import add_data_arguments
+
 DEFAULT_CLOUD_MANIFEST = "cloud_service/artifacts/cloud-fp32.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    data = p.add_argument_group("data")
-    data.add_argument("--data", metavar="DIR|CSV",
-                      help="labeled images: DIR/<label>/*.png|jpg or a CSV of path,label (default: the shipped split)")
-    data.add_argument("--split", choices=["validation", "test"], default="validation",
-                      help="shipped split used without --data (default: validation)")
-    data.add_argument("--limit", type=int, help="use only the first N images")
+    add_data_arguments(p, default_split="validation")
 
     models = p.add_argument_group("models")
     models.add_argument("--config", metavar="POLICY", help="policy to read the edge model from and to patch "

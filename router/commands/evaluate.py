@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from router.commands._common import add_data_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from router.netsim.profiles import add_network_arguments
 
-    data = p.add_argument_group("data")
-    data.add_argument("--data", metavar="DIR|CSV",
-                      help="labeled images: DIR/<label>/*.png|jpg or a CSV of path,label (default: the shipped split)")
-    data.add_argument("--split", choices=["validation", "test"], default="test",
-                      help="shipped split used without --data (default: test)")
-    data.add_argument("--limit", type=int, help="use only the first N images")
+    add_data_arguments(p, default_split="test")
 
     run = p.add_argument_group("router and service")
     run.add_argument("--config", metavar="POLICY", help="routing policy (default: config/policy.yaml); its "
