@@ -13,6 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="artifact directory (default: the package's artifacts/)")
     p.add_argument("--train-limit", type=int, help="train on the first N images only (smoke runs)")
     p.add_argument("--version", help="version string written into the manifest")
+    p.add_argument("--member", type=int, action="append", metavar="I",
+                   help="train only ensemble member I (repeatable); run members in parallel processes, then --package")
+    p.add_argument("--package", action="store_true",
+                   help="do not train: export and package from the member weights already in --out")
     p.add_argument("--apply-flip-tta", action="store_true",
                    help="do not train: turn the model already in --out (default: the shipped one) into its "
                         "horizontal-flip test-time-augmented version and re-measure it")
@@ -29,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else train.DEFAULT_OUT[args.kind]
         train.apply_flip_tta(out / f"{args.kind}-fp32.json")
         return 0
+    members = [] if args.package else args.member
     train.run(args.kind, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed, out=args.out,
-              train_limit=args.train_limit, version=args.version)
+              train_limit=args.train_limit, version=args.version, members=members)
     return 0

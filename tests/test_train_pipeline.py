@@ -103,6 +103,30 @@ def test_edge_pipeline(edge_run, eval_inputs):
 def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
     out, manifest = cloud_run
     assert manifest.precision == "fp32" and manifest.twin is None
-    assert sorted(p.name for p in out.iterdir()) == ["cloud-fp32.json", "cloud-fp32.onnx", "cloud.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["cloud-fp32.json", "cloud-fp32.onnx", "cloud-m0.pt", "cloud-m1.pt"]
     _check_artifact(out / "cloud-fp32.json", eval_inputs)
     assert edge_run[1].flops * 10 < manifest.flops  # the edge network is an order of magnitude cheaper
+    members = manifest.recipe["members"]
+    assert [m["seed"] for m in members] == [0, 1] and members[0]["dropout"] != members[1]["dropout"]
+    assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in members)
+    assert manifest.recipe["train_seconds"] == sum(m["train_seconds"] for m in members)
+
+
+def test_cloud_members_trained_apart_package_to_the_same_model(cloud_run, tmp_path, eval_inputs):
+    """``--member 1``, then ``--member 0`` (another process in practice), then ``--package``
+    give the model that one sequential run gives."""
+    from edge_model import train
+
+    kw = dict(epochs=1, train_limit=384, eval_limit=EVAL_IMAGES, out=tmp_path, version="test-cloud", log=lambda _: None)
+    assert train.run("cloud", members=[1], **kw) is None  # member 0 missing: nothing packaged yet
+    assert not (tmp_path / "cloud-fp32.onnx").exists()
+    assert train.run("cloud", members=[0], **kw) is not None
+    x = eval_inputs[0][:50]
+    apart = OnnxClassifier(tmp_path / "cloud-fp32.json").predict_proba(x)
+    assert train.run("cloud", members=[], **kw) is not None  # --package alone
+    repackaged = OnnxClassifier(tmp_path / "cloud-fp32.json").predict_proba(x)
+    together = OnnxClassifier(cloud_run[0] / "cloud-fp32.json").predict_proba(x)
+    np.testing.assert_allclose(apart, together, atol=1e-5)
+    np.testing.assert_allclose(repackaged, together, atol=1e-5)
+    with pytest.raises(SystemExit, match="members 0..1"):
+        train.run("cloud", members=[2], **kw)
