@@ -3,11 +3,15 @@
     python -m edge_model.train edge  [--data-dir DIR] [--epochs N] [--seed S] [--out DIR]
     python -m edge_model.train cloud [...]
     hybrid-router train edge|cloud [...]          (same thing)
+    hybrid-router train cloud --member 0 & hybrid-router train cloud --member 1; \
+        hybrid-router train cloud --package       (the cloud's members in parallel processes)
 
-Pipeline (all seeded): read the 55k training remainder -> train a CNN in torch -> export ONNX
-with a dynamic batch dimension -> (edge) static INT8 quantization with onnxruntime over
-held-out images -> fit temperature on the shipped validation split -> measure the ONNX
-artifacts on the shipped test split -> write the manifest with sha256, metrics and recipe.
+Pipeline (all seeded): read the 55k training remainder -> train a CNN in torch (the cloud
+model: each member of a 2-CNN ensemble) -> export ONNX with a dynamic batch dimension (the
+cloud: members' log-probabilities averaged, flip TTA written into the graph) -> (edge) static
+INT8 quantization with onnxruntime over held-out images -> fit temperature on the shipped
+validation split -> measure the ONNX artifacts on the shipped test split -> write the manifest
+with sha256, metrics and recipe.
 
 torch is imported here only; nothing at run time imports this module.
 """
@@ -51,13 +55,16 @@ class Recipe:
     label_smoothing: float = 0.0
     # NHWC activations: ~20 % faster conv training on CPU; changes only float rounding.
     channels_last: bool = False
+    # Horizontal-flip test-time augmentation written into the exported graph (2x FLOPs).
+    flip_tta: bool = False
     train_limit: int | None = None
     extra: dict = field(default_factory=dict)
 
 
 RECIPES = {
     "edge": Recipe(kind="edge", epochs=30, lr=0.05, weight_decay=3e-4),
-    "cloud": Recipe(kind="cloud", epochs=30, lr=0.05, weight_decay=5e-4, erase_p=0.5, channels_last=True),
+    "cloud": Recipe(kind="cloud", epochs=30, lr=0.05, weight_decay=5e-4, erase_p=0.5, channels_last=True,
+                    flip_tta=True),
 }
 # The cloud model is an ensemble of members that share the architecture and differ in seed
 # (recipe seed + index) and regularisation; the graph averages their log-probabilities.
@@ -338,6 +345,10 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
 
     fp32 = out / f"{kind}-fp32.onnx"
     export_onnx(model, fp32)
+    tta = RECIPES[kind].flip_tta  # a property of the packaged graph, not of its members
+    if tta:
+        add_flip_tta(fp32, fp32)
+        flops *= 2
     files = {"fp32": fp32}
     if kind == "edge":
         files["int8"] = out / f"{kind}-int8.onnx"
@@ -345,7 +356,9 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
         quantize_int8(fp32, files["int8"], val.images[:1000])
 
     version = version or time.strftime("%Y%m%d") + f"-s{seed}"
-    recipe_info = dict(infos[0])
+    recipe_info = {**infos[0], "flip_tta": tta}
+    if tta:
+        recipe_info["tta"] = "hflip"
     if n > 1:
         recipe_info.update(train_seconds=sum(x["train_seconds"] for x in infos), members=infos,
                            ensemble="mean of member log-probabilities")

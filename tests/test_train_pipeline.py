@@ -110,6 +110,13 @@ def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
     assert [m["seed"] for m in members] == [0, 1] and members[0]["dropout"] != members[1]["dropout"]
     assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in members)
     assert manifest.recipe["train_seconds"] == sum(m["train_seconds"] for m in members)
+    # Two members, each seeing the image and its mirror (flip TTA in the graph).
+    from edge_model import train
+
+    assert manifest.recipe["tta"] == "hflip" and manifest.flops == 4 * train.count_flops(train.build_model("cloud"))[0]
+    model = OnnxClassifier(out / "cloud-fp32.json")
+    x = eval_inputs[0][:5]
+    np.testing.assert_allclose(model.predict_proba(x), model.predict_proba(x[..., ::-1].copy()), atol=1e-5)
 
 
 def test_cloud_members_trained_apart_package_to_the_same_model(cloud_run, tmp_path, eval_inputs):
