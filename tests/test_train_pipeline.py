@@ -110,13 +110,24 @@ def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
     assert [m["seed"] for m in members] == [0, 1] and members[0]["dropout"] != members[1]["dropout"]
     assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in members)
     assert manifest.recipe["train_seconds"] == sum(m["train_seconds"] for m in members)
-    # Two members, each seeing the image and its mirror (flip TTA in the graph).
+    # One graph running both members (no flip TTA in the shipped recipe).
     from edge_model import train
 
-    assert manifest.recipe["tta"] == "hflip" and manifest.flops == 4 * train.count_flops(train.build_model("cloud"))[0]
-    model = OnnxClassifier(out / "cloud-fp32.json")
+    assert "tta" not in manifest.recipe and manifest.flops == 2 * train.count_flops(train.build_model("cloud"))[0]
+
+
+def test_recipe_flip_tta_writes_mirror_averaging_into_the_graph(tmp_path, monkeypatch, eval_inputs):
+    from dataclasses import replace
+
+    from edge_model import train
+
+    monkeypatch.setitem(train.RECIPES, "edge", replace(train.RECIPES["edge"], flip_tta=True))
+    monkeypatch.setitem(train.MEMBERS, "edge", ({},))
+    m = train.run("edge", epochs=1, train_limit=256, eval_limit=200, out=tmp_path, version="t", log=lambda _: None)
+    assert m.recipe["tta"] == "hflip" and m.flops == 2 * train.count_flops(train.build_model("edge"))[0]
+    fp32 = OnnxClassifier(tmp_path / "edge-fp32.json")
     x = eval_inputs[0][:5]
-    np.testing.assert_allclose(model.predict_proba(x), model.predict_proba(x[..., ::-1].copy()), atol=1e-5)
+    np.testing.assert_allclose(fp32.predict_proba(x), fp32.predict_proba(x[..., ::-1].copy()), atol=1e-5)
 
 
 def test_cloud_members_trained_apart_package_to_the_same_model(cloud_run, tmp_path, eval_inputs):
