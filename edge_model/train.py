@@ -8,7 +8,7 @@
 
 Pipeline (all seeded): read the 55k training remainder -> train a CNN in torch (the cloud
 model: each member of a 2-CNN ensemble) -> export ONNX with a dynamic batch dimension (the
-cloud: members' log-probabilities averaged, flip TTA written into the graph) -> (edge) static
+cloud: members' log-probabilities averaged; flip TTA too if the recipe asks) -> (edge) static
 INT8 quantization with onnxruntime over held-out images -> fit temperature on the shipped
 validation split -> measure the ONNX artifacts on the shipped test split -> write the manifest
 with sha256, metrics and recipe.
@@ -330,17 +330,11 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
     # eval_limit: smoke runs measure on the first N validation/test images only.
     val, test = ds.load_validation().head(eval_limit), ds.load_test().head(eval_limit)
     saved = [torch.load(weights_path(out, kind, i), weights_only=True) for i in range(n)]
-    models, infos = [], []
-    for i, ck in enumerate(saved):
-        info = ck["recipe"]
-        model = build_model(kind, tuple(info["dropout"]))
+    recipes, models = [ck["recipe"] for ck in saved], []
+    for ck in saved:
+        model = build_model(kind, tuple(ck["recipe"]["dropout"]))
         model.load_state_dict(ck["state_dict"])
-        model.eval()
-        models.append(model)
-        if n > 1:  # each member's own accuracy, to show what the ensemble adds
-            info = {**info, "val_accuracy": _torch_accuracy(model, val), "test_accuracy": _torch_accuracy(model, test)}
-            log(f"[{kind}] member {i}: val {info['val_accuracy']:.4f} test {info['test_accuracy']:.4f}")
-        infos.append(info)
+        models.append(model.eval())
     model = build_ensemble(models)
     flops, params = count_flops(model)
 
@@ -357,14 +351,17 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
         quantize_int8(fp32, files["int8"], val.images[:1000])
 
     version = version or time.strftime("%Y%m%d") + f"-s{seed}"
-    recipe_info = {**infos[0], "flip_tta": tta}
+    recipe_info = {**recipes[0], "flip_tta": tta}
     if tta:
         recipe_info["tta"] = "hflip"
     if n > 1:
-        recipe_info.update(train_seconds=sum(x["train_seconds"] for x in infos), members=infos,
+        members_info = []
+        for i, (member, r) in enumerate(zip(models, recipes)):  # each member alone: what the ensemble adds
+            acc = {"val_accuracy": _torch_accuracy(member, val), "test_accuracy": _torch_accuracy(member, test)}
+            log(f"[{kind}] member {i}: val {acc['val_accuracy']:.4f} test {acc['test_accuracy']:.4f}")
+            members_info.append({**r, **acc})
+        recipe_info.update(train_seconds=sum(r["train_seconds"] for r in recipes), members=members_info,
                            ensemble="mean of member log-probabilities")
-        for key in ("val_accuracy", "test_accuracy"):
-            recipe_info.pop(key)
     manifests = {
         precision: package(kind, path, val, test, version=version, flops=flops, params=params, recipe=recipe_info,
                            twin=fp32.name if precision == "int8" else None, log=log)

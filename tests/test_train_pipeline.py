@@ -122,7 +122,6 @@ def test_recipe_flip_tta_writes_mirror_averaging_into_the_graph(tmp_path, monkey
     from edge_model import train
 
     monkeypatch.setitem(train.RECIPES, "edge", replace(train.RECIPES["edge"], flip_tta=True))
-    monkeypatch.setitem(train.MEMBERS, "edge", ({},))
     m = train.run("edge", epochs=1, train_limit=256, eval_limit=200, out=tmp_path, version="t", log=lambda _: None)
     assert m.recipe["tta"] == "hflip" and m.flops == 2 * train.count_flops(train.build_model("edge"))[0]
     fp32 = OnnxClassifier(tmp_path / "edge-fp32.json")
