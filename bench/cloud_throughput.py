@@ -275,7 +275,7 @@ def _triton_stats(metrics_url: str) -> dict:
 
 def request_body(datatype: str, n_images: int = 1) -> tuple[bytes, np.ndarray]:
     """The single-image v2 request every target gets, and the reference probabilities for it."""
-    from edge_model.data import load_test
+    from router_tools.datasets import load_test
     from edge_model.preprocess import normalise
     from edge_model.runtime import OnnxClassifier, SessionOptions
 
@@ -368,7 +368,7 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seco
     concurrent callers on one shared session (as the service runs it) -- per batch size."""
     import threading
 
-    from edge_model.data import load_test
+    from router_tools.datasets import load_test
     from edge_model.runtime import OnnxClassifier, SessionOptions
 
     clf = OnnxClassifier(MANIFEST, SessionOptions(intra_op_threads=threads, warmup_runs=5))
@@ -485,7 +485,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"cloud throughput bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}; model {MANIFEST.name}; request: 1 image {args.datatype} JSON; "
           f"batching max {max_batch} rows / {delay_ms} ms; ONNX Runtime {args.threads} thread(s) x {instances} instance(s)")
-    if subprocess.run(["pgrep", "-f", "edge_model.train"], capture_output=True).returncode == 0:
+    if subprocess.run(["pgrep", "-f", "router_tools.train"], capture_output=True).returncode == 0:
         print("WARNING: model training is running on this machine; numbers will be depressed and noisy")
     load_before = os.getloadavg()[0]
     if load_before > 0.5:

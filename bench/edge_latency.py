@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from edge_model.calibration import expected_calibration_error, softmax  # noqa: E402
-from edge_model.data import load_test  # noqa: E402
+from router_tools.datasets import load_test  # noqa: E402
 from edge_model.manifest import Manifest  # noqa: E402
 from edge_model.preprocess import preprocess_batch  # noqa: E402
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, OnnxClassifier, SessionOptions  # noqa: E402

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from router.netsim import PROFILES, NetworkProfile, NetworkProxy, profile_from_args  # noqa: E402
+from router_tools.netsim import PROFILES, NetworkProfile, NetworkProxy, profile_from_args  # noqa: E402
 
 
 class _Echo(socketserver.BaseRequestHandler):

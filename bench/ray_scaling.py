@@ -85,7 +85,7 @@ class Row:
 # ----------------------------------------------------------------------------- load
 
 def request_body(n_images: int) -> bytes:
-    from edge_model.data import load_test
+    from router_tools.datasets import load_test
 
     pixels = load_test().images[:n_images][:, None]  # uint8 [n, 1, 28, 28]
     body = {"inputs": [{"name": "input", "shape": list(pixels.shape), "datatype": "UINT8",

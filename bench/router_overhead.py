@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
 
-    from edge_model.data import load_test
+    from router_tools.datasets import load_test
     from edge_model.preprocess import preprocess
     from router import Router
     from router.policy import parse_policy

@@ -1,9 +1,9 @@
 """The cloud side: the full-precision model behind FastAPI, speaking the Open Inference Protocol v2.
 
 ``create_app`` and ``ServiceSettings`` are resolved lazily (module ``__getattr__``) so that
-``import cloud_service.protocol`` -- which the router uses -- never imports FastAPI or uvicorn.
+importing a submodule (e.g. ``cloud_service.launch``) never imports FastAPI or uvicorn.
 
-Modules: ``protocol`` (wire types, shared with the router), ``settings`` (YAML + env config),
+Modules: ``settings`` (YAML + env config),
 ``errors`` (typed errors), ``batching`` (dynamic batcher), ``dataplane`` (models and inference,
 no HTTP), ``metrics`` (Prometheus), ``app`` (FastAPI), ``cli`` / ``__main__`` (uvicorn),
 ``launch`` (``LocalService``: a service subprocess for tests, eval and the demo).

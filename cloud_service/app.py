@@ -51,7 +51,7 @@ from cloud_service.errors import (
     Unavailable,
 )
 from cloud_service.metrics import ServiceMetrics
-from cloud_service.protocol import ProtocolError, budget_from_parameters
+from oip.protocol import ProtocolError, budget_from_parameters
 from cloud_service.settings import SETTINGS_JSON_ENV, ServiceSettings, load_settings
 
 log = logging.getLogger("cloud_service.app")

@@ -3,7 +3,7 @@
 ``DataPlane`` owns a registry of served models (one today: the FP32 cloud classifier named by
 ``settings.model``), each an :class:`edge_model.runtime.OnnxClassifier` behind a
 :class:`~cloud_service.batching.DynamicBatcher`. It speaks the protocol types of
-:mod:`cloud_service.protocol` and raises the typed errors of :mod:`cloud_service.errors`; the
+:mod:`oip.protocol` and raises the typed errors of :mod:`cloud_service.errors`; the
 app maps those to HTTP in one table. Foreign errors (``ProtocolError``, ``edge_model`` input
 errors, onnxruntime failures) are translated here, where they enter.
 
@@ -29,7 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-from cloud_service import protocol
+from edge_model.calibration import calibrated_softmax
+from oip import protocol
 from cloud_service.batching import DynamicBatcher, unbatched
 from cloud_service.errors import (
     DeadlineExceeded,
@@ -39,7 +40,7 @@ from cloud_service.errors import (
     Unavailable,
 )
 from cloud_service.metrics import ServiceMetrics
-from cloud_service.protocol import InferenceRequest, InferenceResponse, ProtocolError
+from oip.protocol import InferenceRequest, InferenceResponse, ProtocolError
 from cloud_service.settings import ServiceSettings
 
 log = logging.getLogger("cloud_service.dataplane")
@@ -78,7 +79,6 @@ class ServedModel:
         self.input_name = classifier.input_name
         self.height, self.width = classifier.input_shape
         self._normalise = normalise
-        self._inv_t = np.float32(1.0 / classifier.temperature)
         self.ready = False
         b, rt = settings.batching, settings.runtime
         model_metrics = metrics.model(name)
@@ -94,11 +94,7 @@ class ServedModel:
     # Runs on a worker thread: one ONNX Runtime call per batch, both outputs from it.
     def _execute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.classifier.logits(x)
-        z = logits * self._inv_t
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z, logits
+        return calibrated_softmax(logits, self.classifier.temperature), logits
 
     def metadata(self) -> protocol.ModelMetadataResponse:
         n = len(self.labels)

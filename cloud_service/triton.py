@@ -59,6 +59,7 @@ from typing import Literal
 
 import numpy as np
 
+from edge_model.calibration import calibrated_softmax
 from edge_model.errors import ArtifactError
 from edge_model.preprocess import normalise
 from edge_model.runtime import OnnxClassifier, SessionOptions
@@ -282,7 +283,6 @@ def _make_infer_fn(classifier: OnnxClassifier, input_datatype: str):
     from pytriton.decorators import batch
 
     config = classifier.preprocess_config
-    inv_t = np.float32(1.0 / classifier.temperature)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -290,12 +290,8 @@ def _make_infer_fn(classifier: OnnxClassifier, input_datatype: str):
         if input_datatype == "UINT8":
             x = normalise(x, config)
         logits = classifier.logits(np.ascontiguousarray(x, dtype=np.float32))
-        # the same float32 arithmetic as OnnxClassifier.predict_proba, from one ONNX call
-        z = logits * inv_t
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return {OUTPUT_NAME: z, LOGITS_NAME: logits}
+        # the one calibrated softmax (as OnnxClassifier.predict_proba), from one ONNX call
+        return {OUTPUT_NAME: calibrated_softmax(logits, classifier.temperature), LOGITS_NAME: logits}
 
     return infer
 

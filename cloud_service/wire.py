@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from cloud_service.errors import InvalidRequest
-from cloud_service.protocol import DATATYPES, InferenceRequest, InferenceResponse
+from oip.protocol import DATATYPES, InferenceRequest, InferenceResponse
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"

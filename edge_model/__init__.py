@@ -1,9 +1,9 @@
-"""The local model: data, preprocessing, ONNX runtime, quantization and training.
+"""The local model: preprocessing, manifests, calibration math and the ONNX runtime.
 
-Knows nothing of networks. ``train`` (torch) is never imported at run time.
+Knows nothing of networks. Runs on the device; training, datasets and quantization tools live in
+``router_tools`` (the tools distribution).
 """
 
-from edge_model.data import LABELS
 from edge_model.errors import (
     ArrayInputError,
     ArtifactError,
@@ -19,7 +19,7 @@ from edge_model.preprocess import PreprocessConfig, preprocess_batch, to_pixels
 from edge_model.runtime import EdgeModel, OnnxClassifier, SessionOptions
 
 __all__ = [
-    "LABELS", "ArrayInputError", "ArtifactError", "DatasetError", "EdgeModel", "EdgeModelError",
+    "ArrayInputError", "ArtifactError", "DatasetError", "EdgeModel", "EdgeModelError",
     "ImageDecodeError", "ImageTooLarge", "InferenceError", "InputError", "OnnxClassifier",
     "PreprocessConfig", "SessionOptions", "preprocess_batch", "to_pixels",
 ]

@@ -9,11 +9,37 @@ from __future__ import annotations
 import numpy as np
 
 
+def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, *, inplace: bool = False) -> np.ndarray:
+    """Row-wise ``softmax(logits / T)`` in float32: the one calibrated-softmax formula of the project.
+
+    The edge runtime, the cloud data plane, the Triton adapter, the router's v2 client and the
+    calibration tools all call this, so the same logits give bit-identical probabilities on every
+    side (``tests/test_calibration.py`` checks it). ``inplace=True`` reuses a float32 C-contiguous
+    ``logits`` buffer (the hot paths own theirs); otherwise the input is copied.
+    """
+    if inplace and isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.writeable:
+        z = logits
+    else:
+        z = np.array(logits, dtype=np.float32)
+    if z.ndim == 1:
+        z = z[None, :]
+    if temperature != 1.0:
+        z *= np.float32(1.0 / float(temperature))
+    if len(z) == 1:  # batch 1 (the router's hot path): 1-D reductions cost a third of keepdims ones
+        row = z[0]
+        row -= row.max()
+        np.exp(row, out=row)
+        row /= row.sum()
+        return z
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    """Alias of :func:`calibrated_softmax` (a copy; never in place)."""
+    return calibrated_softmax(logits, temperature)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:

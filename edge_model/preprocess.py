@@ -81,7 +81,7 @@ def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG) -> n
 def normalise(pixels: np.ndarray, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
     """``uint8 [..., H, W]`` -> ``float32`` model input, exactly as training did.
 
-    The same float32 operations in the same order as ``edge_model.train.normalise``, so the
+    The same float32 operations in the same order as ``router_tools.train.normalise``, so the
     result is bit-identical to what the model was trained and measured on.
     """
     return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(config.mean)) / np.float32(config.std)

@@ -481,9 +481,10 @@ class Router:
 
 
 def _default_labels():
-    from edge_model.data import LABELS
+    """The bundled edge model's labels, read from its manifest (used when no edge model loads)."""
+    from edge_model.manifest import Manifest
 
-    return LABELS
+    return Manifest.load(DEFAULT_EDGE_MANIFEST).labels
 
 
 # ---------------------------------------------------------------------- module-level predict()

@@ -1,6 +1,6 @@
 """The router's Open Inference Protocol v2 client (httpx, async, pooled, keep-alive).
 
-Message building and parsing are pure functions over :mod:`cloud_service.protocol` (the one
+Message building and parsing are pure functions over :mod:`oip.protocol` (the one
 wire-protocol module); :class:`CloudClient` is the thin I/O shell around them. It works with any
 conforming v2 server -- ours, Triton, KServe, MLServer:
 
@@ -30,7 +30,8 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from cloud_service.protocol import (
+from edge_model.calibration import calibrated_softmax
+from oip.protocol import (
     InferenceResponse,
     ModelMetadataResponse,
     ProtocolError,
@@ -128,9 +129,7 @@ def parse_infer_response(content: bytes, endpoint: Endpoint, rows: int) -> tuple
     if not np.isfinite(arr).all():
         raise CloudProtocolError("output contains NaN or infinite values", endpoint=endpoint.label)
     if endpoint.output_kind == "logits":
-        arr = arr - arr.max(axis=1, keepdims=True)
-        np.exp(arr, out=arr)
-        arr /= arr.sum(axis=1, keepdims=True)
+        arr = calibrated_softmax(arr)
     return arr, resp.model_version or ""
 
 

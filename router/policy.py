@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from router.errors import ConfigError
 
-DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "config" / "policy.yaml"
+# The default policy ships inside the package, so ``router.predict(img)`` works from any folder of
+# an installed client; ``config/policy.yaml`` in the repository is the same file, for operators to copy.
+DEFAULT_POLICY_PATH = Path(str(resources.files("router").joinpath("default_policy.yaml")))
 
 
 class Mode(str, Enum):
@@ -179,7 +182,7 @@ def parse_policy(data: object, source: str = "<policy>") -> RoutingPolicy:
 
 
 def load_policy(path: str | os.PathLike | None = None) -> RoutingPolicy:
-    """Read and validate a policy YAML file (default ``config/policy.yaml``)."""
+    """Read and validate a policy YAML file (default: ``$HYBRID_ROUTER_POLICY``, else the packaged default)."""
     path = Path(path or os.environ.get("HYBRID_ROUTER_POLICY") or DEFAULT_POLICY_PATH)
     try:
         text = path.read_text()

@@ -14,13 +14,13 @@ import yaml
 from PIL import Image
 
 from edge_model import EdgeModel
-from edge_model.data import LABELS, load_test
-from router.calibration import escalation_rate
-from router.cli import main
-from router.labeled import LabeledDataError, load_labeled, resolve_label
+from router_tools.datasets import LABELS, load_test
+from router_tools.thresholds import escalation_rate
+from router_tools.cli import main
+from router_tools.labeled import LabeledDataError, load_labeled, resolve_label
 from router.policy import DEFAULT_POLICY_PATH, load_policy
-from router.policy_edit import PolicyEditError, edit_policy, set_scalar
-from router.scoring import model_probs
+from router_tools.policy_edit import PolicyEditError, edit_policy, set_scalar
+from router_tools.scoring import model_probs
 
 # Folder names as users write them: punctuation/case-insensitive names and indices.
 FOLDER_NAMES = ["t-shirt_top", "TROUSER", "pullover", "3", "Coat", "sandal", "Shirt", "sneaker", "bag", "ankle boot"]

@@ -1,4 +1,4 @@
-"""router.calibration on synthetic scores: known quantiles, ties, the < / >= boundary, and the
+"""router_tools.thresholds on synthetic scores: known quantiles, ties, the < / >= boundary, and the
 vectorised sweep against a brute-force loop."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from router.calibration import (
+from router_tools.thresholds import (
     CalibrationError,
     apply_temperature,
     by_accuracy,

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "router.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "router_tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -21,7 +21,7 @@ def test_help_lists_every_command():
 
 
 def test_predict_shipped_samples_privately_as_json():
-    from edge_model.data import SAMPLES_DIR
+    from router_tools.datasets import SAMPLES_DIR
 
     out = _cli("predict", "--privacy", "--json")
     assert out.returncode == 0, out.stderr
@@ -32,7 +32,7 @@ def test_predict_shipped_samples_privately_as_json():
 
 
 def test_predict_reports_bad_files_and_keeps_going(tmp_path):
-    from edge_model.data import SAMPLES_DIR
+    from router_tools.datasets import SAMPLES_DIR
 
     bad = tmp_path / "not-an-image.png"
     bad.write_bytes(b"hello")

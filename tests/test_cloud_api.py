@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from cloud_service.protocol import InferenceResponse, ModelMetadataResponse, ServerMetadataResponse
+from oip.protocol import InferenceResponse, ModelMetadataResponse, ServerMetadataResponse
 from edge_model.preprocess import normalise
 from edge_model.runtime import OnnxClassifier
 from tests.support.cloud import (

@@ -173,7 +173,7 @@ def test_cli_check_prints_settings_and_reports_errors(tmp_path, capsys, monkeypa
 
 
 def test_router_cli_dispatches_serve(capsys, monkeypatch):
-    from router.cli import main
+    from router_tools.cli import main
 
     for name in [n for n in __import__("os").environ if n.startswith("HYBRID_CLOUD")]:
         monkeypatch.delenv(name)
@@ -182,7 +182,7 @@ def test_router_cli_dispatches_serve(capsys, monkeypatch):
 
 
 def test_protocol_and_settings_do_not_import_the_web_stack():
-    code = ("import sys, cloud_service, cloud_service.protocol, cloud_service.settings, cloud_service.errors; "
+    code = ("import sys, cloud_service, oip.protocol, cloud_service.settings, cloud_service.errors; "
             "bad = [m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from edge_model import data
+from router_tools import datasets as data
 from edge_model.errors import DatasetError
-from edge_model.idx import read_idx, write_idx_gz
+from router_tools.idx import read_idx, write_idx_gz
 
 DEBIAN_TRAIN = data.DEBIAN_DIR / "train-images-idx3-ubyte.gz"
 needs_debian = pytest.mark.skipif(

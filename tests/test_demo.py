@@ -29,7 +29,7 @@ def test_demo_runs_every_scenario_and_leaves_nothing_behind():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HYBRID_ROUTER_POLICY", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "router.cli", "demo", "--limit", "40", "--scenario-limit", "12"],
+        [sys.executable, "-m", "router_tools.cli", "demo", "--limit", "40", "--scenario-limit", "12"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     out = proc.stdout

@@ -13,9 +13,9 @@ import pytest
 
 from cloud_service.launch import LocalService
 from edge_model import EdgeModel
-from edge_model.data import load_test
-from router.cli import main
-from router.scoring import model_probs
+from router_tools.datasets import load_test
+from router_tools.cli import main
+from router_tools.scoring import model_probs
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,7 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="exporting needs the onnx package (train extra)")
 
 from cloud_service.export_triton import DEFAULT_MANIFEST, ExportError, export_model_repository  # noqa: E402
-from edge_model.data import load_test  # noqa: E402
+from router_tools.datasets import load_test  # noqa: E402
 from edge_model.runtime import OnnxClassifier  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)

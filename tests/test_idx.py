@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_model.errors import DatasetError
-from edge_model.idx import encode_idx, parse_idx, read_idx, write_idx_gz
+from router_tools.idx import encode_idx, parse_idx, read_idx, write_idx_gz
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The loopback network-fault machinery (router.netsim) on real sockets.
+"""The loopback network-fault machinery (router_tools.netsim) on real sockets.
 
 Upstreams are stdlib servers started here (a TCP echo server, a small HTTP server) or the
 FaultServer itself; nothing depends on the cloud service. Timing assertions are lower bounds
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from router.netsim import (PROFILES, FaultServer, closed_port, Link, LoopbackOnlyError, Mode, NetsimError, NetworkProfile,
+from router_tools.netsim import (PROFILES, FaultServer, closed_port, Link, LoopbackOnlyError, Mode, NetsimError, NetworkProfile,
                            NetworkProxy, ProfileError, ServiceStateError, add_network_arguments, blackhole, classify,
                            close, garbage, infer_ok, model_metadata, parse_loss, profile_from_args,
                            profile_from_namespace, proxy_to, sequence, slow, status)
@@ -487,7 +487,7 @@ def test_closed_port_refuses_and_upstream_down_gives_a_reset_not_a_hang():
 
 @pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="epoll only")
 def test_fine_timer_selector_waits_the_whole_timeout_and_still_wakes_on_io():
-    from router.netsim._service import FineTimerEpollSelector
+    from router_tools.netsim._service import FineTimerEpollSelector
 
     sel = FineTimerEpollSelector()
     a, b = socket.socketpair()

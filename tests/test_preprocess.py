@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from edge_model import data
+from router_tools import datasets as data
 from edge_model.errors import ArrayInputError, ImageDecodeError, ImageTooLarge, InputError
 from edge_model.manifest import Manifest
 from edge_model.preprocess import PreprocessConfig, normalise, preprocess, preprocess_batch, to_pixels
@@ -365,7 +365,7 @@ def test_normalisation_equals_training():
     expected = ((images.astype(np.float32) / 255.0 - mean) / std)[:, None]
     np.testing.assert_array_equal(x, expected)
 
-    from edge_model import train  # numpy-only at import; torch is imported inside its functions
+    from router_tools import train  # numpy-only at import; torch is imported inside its functions
 
     assert (train.MEAN, train.STD) == (mean, std)
     np.testing.assert_array_equal(x, train.normalise(images))

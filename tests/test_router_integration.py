@@ -1,5 +1,5 @@
 """The router against the real cloud service (uvicorn on a loopback port) and against real
-misbehaving loopback servers (router.netsim): every fault answered correctly and within the
+misbehaving loopback servers (router_tools.netsim): every fault answered correctly and within the
 deadline. Nothing in the client is mocked."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 
 from cloud_service.launch import LocalService
 from edge_model import EdgeModel, OnnxClassifier
-from edge_model.data import load_test
+from router_tools.datasets import load_test
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST
 from router import PredictionUnavailable, Reason, Router
-from router.netsim import FaultServer, blackhole, close, garbage, proxy_to, sequence, slow, status
+from router_tools.netsim import FaultServer, blackhole, close, garbage, proxy_to, sequence, slow, status
 from router.policy import parse_policy
 
 DEADLINE_MS = 300.0

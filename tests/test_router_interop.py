@@ -12,7 +12,7 @@ pytest.importorskip("pytriton")
 
 from cloud_service.launch import LocalService  # noqa: E402
 from cloud_service.triton import TritonModelServer  # noqa: E402
-from edge_model.data import load_test  # noqa: E402
+from router_tools.datasets import load_test  # noqa: E402
 from router import Reason, Router  # noqa: E402
 from router.policy import parse_policy  # noqa: E402
 

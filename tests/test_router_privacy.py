@@ -20,7 +20,7 @@ def _run(policy: dict, call_kwargs: dict, n: int = 200) -> dict:
                 events.append(event)
         sys.addaudithook(hook)
 
-        from edge_model.data import load_test
+        from router_tools.datasets import load_test
         from router import Router
         from router.policy import parse_policy
 

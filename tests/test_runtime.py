@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_model import data
+from router_tools import datasets as data
 from edge_model.calibration import softmax
 from edge_model.errors import ArrayInputError, ArtifactError, InferenceError
 from edge_model.manifest import Manifest, sha256_file
@@ -73,7 +73,7 @@ def test_manifest_consistency(path):
     onnx = path.parent / m.file
     assert onnx.is_file() and sha256_file(onnx) == m.sha256
     assert m.input.shape == [-1, 1, 28, 28] and m.input.dtype == "float32" and m.input.layout == "NCHW"
-    from edge_model import train  # numpy-only at import time
+    from router_tools import train  # numpy-only at import time
 
     assert (m.input.mean, m.input.std) == (train.MEAN, train.STD)
     assert m.temperature > 0 and np.isfinite(m.temperature)

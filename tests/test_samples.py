@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_model import data
+from router_tools import datasets as data
 from edge_model.preprocess import to_pixels
-from edge_model.samples import VARIANTS, build, label_of, main, sample_paths, slug
+from router_tools.samples import VARIANTS, build, label_of, main, sample_paths, slug
 
 
 @pytest.fixture(scope="module")

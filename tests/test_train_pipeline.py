@@ -2,7 +2,7 @@
 
 Needs the ``train`` extra (torch, onnx) and the Debian Fashion-MNIST training files.
 The pipeline is real; only the evaluation splits are cut to their first images
-(``edge_model.train.run`` scores every artifact on the whole validation and test splits,
+(``router_tools.train.run`` scores every artifact on the whole validation and test splits,
 which would take most of the time here).
 """
 
@@ -13,7 +13,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from edge_model import data
+from router_tools import datasets as data
 from edge_model.manifest import Manifest, sha256_file
 from edge_model.preprocess import preprocess_batch
 from edge_model.runtime import OnnxClassifier, SessionOptions
@@ -36,7 +36,7 @@ EVAL_IMAGES = 600
 
 @pytest.fixture(scope="module")
 def edge_run(tmp_path_factory):
-    from edge_model import train
+    from router_tools import train
 
     out = tmp_path_factory.mktemp("edge")
     manifest = train.run("edge", epochs=1, train_limit=2000, eval_limit=EVAL_IMAGES, out=out, version="test-edge", log=lambda _: None)
@@ -45,7 +45,7 @@ def edge_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cloud_run(tmp_path_factory):
-    from edge_model import train
+    from router_tools import train
 
     out = tmp_path_factory.mktemp("cloud")
     manifest = train.run("cloud", epochs=1, train_limit=384, eval_limit=EVAL_IMAGES, out=out, version="test-cloud", log=lambda _: None)
@@ -111,7 +111,7 @@ def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
     assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in members)
     assert manifest.recipe["train_seconds"] == sum(m["train_seconds"] for m in members)
     # One graph running both members (no flip TTA in the shipped recipe).
-    from edge_model import train
+    from router_tools import train
 
     assert "tta" not in manifest.recipe and manifest.flops == 2 * train.count_flops(train.build_model("cloud"))[0]
 
@@ -119,7 +119,7 @@ def test_cloud_pipeline(cloud_run, edge_run, eval_inputs):
 def test_recipe_flip_tta_writes_mirror_averaging_into_the_graph(tmp_path, monkeypatch, eval_inputs):
     from dataclasses import replace
 
-    from edge_model import train
+    from router_tools import train
 
     monkeypatch.setitem(train.RECIPES, "edge", replace(train.RECIPES["edge"], flip_tta=True))
     m = train.run("edge", epochs=1, train_limit=256, eval_limit=200, out=tmp_path, version="t", log=lambda _: None)
@@ -132,7 +132,7 @@ def test_recipe_flip_tta_writes_mirror_averaging_into_the_graph(tmp_path, monkey
 def test_cloud_members_trained_apart_package_to_the_same_model(cloud_run, tmp_path, eval_inputs):
     """``--member 1``, then ``--member 0`` (another process in practice), then ``--package``
     give the model that one sequential run gives."""
-    from edge_model import train
+    from router_tools import train
 
     kw = dict(epochs=1, train_limit=384, eval_limit=EVAL_IMAGES, out=tmp_path, version="test-cloud", log=lambda _: None)
     assert train.run("cloud", members=[1], **kw) is None  # member 0 missing: nothing packaged yet

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton not installed")
 
-from cloud_service.protocol import InferenceResponse, decode_tensor, encode_tensor, model_path  # noqa: E402
+from oip.protocol import InferenceResponse, decode_tensor, encode_tensor, model_path  # noqa: E402
 from cloud_service.triton import MODEL_NAME, TritonModelServer  # noqa: E402
-from edge_model.data import load_test  # noqa: E402
+from router_tools.datasets import load_test  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

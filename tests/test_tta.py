@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("onnx")
 
 from edge_model.runtime import OnnxClassifier  # noqa: E402
-from edge_model.train import add_flip_tta  # noqa: E402
+from router_tools.train import add_flip_tta  # noqa: E402
 
 SRC = "cloud_service/artifacts/cloud-fp32"
 

@@ -44,7 +44,7 @@ def async_client(svc: LocalService, **kwargs) -> httpx.AsyncClient:
 
 
 def infer_path(model: str = MODEL, version: Optional[str] = None) -> str:
-    from cloud_service.protocol import model_path
+    from oip.protocol import model_path
 
     return model_path(model, version) + "/infer"
 
@@ -75,7 +75,7 @@ def v2_body(
 
 
 def output(response_json: dict, name: str) -> np.ndarray:
-    from cloud_service.protocol import ResponseOutput, decode_tensor
+    from oip.protocol import ResponseOutput, decode_tensor
 
     for out in response_json["outputs"]:
         if out["name"] == name:
@@ -108,7 +108,7 @@ def assert_healthy(svc: LocalService) -> None:
 
 @lru_cache(maxsize=1)
 def _test_images() -> np.ndarray:
-    from edge_model.data import load_test
+    from router_tools.datasets import load_test
 
     images = np.ascontiguousarray(load_test().images[:64])
     images.flags.writeable = False

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_service.launch import ServiceStartError
     from edge_model.errors import EdgeModelError
     from router.errors import RouterError
-    from router.netsim import NetsimError
+    from router_tools.netsim import NetsimError
 
     try:
         return _Demo(args).run()
@@ -74,10 +74,10 @@ class _Demo:
         import threading
 
         from cloud_service.launch import LocalService
-        from edge_model.data import load_test
+        from router_tools.datasets import load_test
         from router import Router
-        from router.evaluation import policy_for
-        from router.netsim import NetworkProxy
+        from router_tools.evaluation import policy_for
+        from router_tools.netsim import NetworkProxy
         from router.policy import load_policy, parse_policy
 
         args, c = self.args, self.console
@@ -263,7 +263,7 @@ class _Demo:
 
     @staticmethod
     def labels_name(i: int) -> str:
-        from edge_model.data import LABELS
+        from router_tools.datasets import LABELS
 
         return LABELS[i]
 

@@ -8,7 +8,7 @@
         proxy.set_mode("refuse")             # outage: new connects refused, live ones reset
         proxy.set_mode("normal")             # recovery
 
-Per connection the proxy forwards both directions through a :class:`~router.netsim.link.Link`
+Per connection the proxy forwards both directions through a :class:`~router_tools.netsim.link.Link`
 (delay, jitter, bandwidth, TCP-style loss; byte order preserved). Modes, switchable at runtime
 from any thread (the call returns once the switch is in effect):
 

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from edge_model.data import SAMPLES_DIR
+    from router_tools.datasets import SAMPLES_DIR
     from router import Router, RouterError
 
     paths = [Path(p) for p in args.images] or sorted(SAMPLES_DIR.glob("*.png")) + sorted(SAMPLES_DIR.glob("*.jpg"))

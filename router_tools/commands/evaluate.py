@@ -9,8 +9,8 @@ router against the real cloud service (started on a free loopback port unless ``
     hybrid-router eval --models-only                     # accuracy/ECE of the shipped models, no server
 
 With ``--network``/``--rtt-ms``/``--jitter-ms``/``--loss`` (or ``--outage``) the router reaches the
-service through a :class:`router.netsim.NetworkProxy` on loopback that applies the profile on
-real sockets; the router only sees the proxy's URL. See :mod:`router.evaluation` for what is
+service through a :class:`router_tools.netsim.NetworkProxy` on loopback that applies the profile on
+real sockets; the router only sees the proxy's URL. See :mod:`router_tools.evaluation` for what is
 measured and how.
 """
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from router.commands._common import add_data_arguments
+from router_tools.commands._common import add_data_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from router.netsim.profiles import add_network_arguments
+    from router_tools.netsim.profiles import add_network_arguments
 
     add_data_arguments(p, default_split="test")
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_model.errors import EdgeModelError
     from router.errors import RouterError
-    from router.netsim import NetsimError
+    from router_tools.netsim import NetsimError
 
     try:
         if args.models_only:
@@ -83,9 +83,9 @@ def _models_only(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edge_model.runtime import ARTIFACTS_DIR, DEFAULT_EDGE_MANIFEST, OnnxClassifier
-    from router.calibration import ece
-    from router.labeled import load_labeled
-    from router.scoring import model_probs
+    from router_tools.thresholds import ece
+    from router_tools.labeled import load_labeled
+    from router_tools.scoring import model_probs
 
     root = Path(__file__).resolve().parent.parent.parent
     manifests = [("edge FP32", ARTIFACTS_DIR / "edge-fp32.json"), ("edge INT8", DEFAULT_EDGE_MANIFEST),
@@ -130,10 +130,10 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from router.errors import ConfigError
-    from router.evaluation import EvalSettings, evaluate
-    from router.labeled import load_labeled
-    from router.netsim import profile_from_namespace
-    from router.proxy_process import ProxyProcess
+    from router_tools.evaluation import EvalSettings, evaluate
+    from router_tools.labeled import load_labeled
+    from router_tools.netsim import profile_from_namespace
+    from router_tools.proxy_process import ProxyProcess
     from router.policy import load_policy
 
     if args.concurrency < 1:
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report:
         md = Path(args.report)
         png = md.with_name(md.stem + "-curve.png")
-        from router.plotting import plot_curve
+        from router_tools.plotting import plot_curve
 
         plot_curve(sweep, png, title=f"Router on {report['data']['name']}",
                    chosen=(report["escalation_predicted"], report["accuracy"]["router_predicted"],

@@ -1,4 +1,4 @@
-"""``hybrid-router train edge|cloud`` -> :mod:`edge_model.train` (imports torch only in ``run``)."""
+"""``hybrid-router train edge|cloud`` -> :mod:`router_tools.train` (imports torch only in ``run``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from edge_model import train
+        from router_tools import train
     except ImportError as exc:
         raise SystemExit(f"training needs the train extra: pip install -e '.[train]' ({exc})") from None
     if args.apply_flip_tta:

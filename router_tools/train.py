@@ -1,7 +1,7 @@
 """Train, export, quantize and calibrate the two shipped models (needs the ``train`` extra).
 
-    python -m edge_model.train edge  [--data-dir DIR] [--epochs N] [--seed S] [--out DIR]
-    python -m edge_model.train cloud [...]
+    python -m router_tools.train edge  [--data-dir DIR] [--epochs N] [--seed S] [--out DIR]
+    python -m router_tools.train cloud [...]
     hybrid-router train edge|cloud [...]          (same thing)
     hybrid-router train cloud --member 0 & hybrid-router train cloud --member 1; \
         hybrid-router train cloud --package       (the cloud's members in parallel processes)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_model import data as ds
+from router_tools import datasets as ds
 from edge_model.calibration import expected_calibration_error, fit_temperature, softmax
 from edge_model.manifest import InputSpec, Manifest, sha256_file
 
@@ -454,9 +454,9 @@ def apply_flip_tta(manifest_path: Path, log=print) -> Manifest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_model.train_cli import add_arguments, run as cli_run
+    from router_tools.train_cli import add_arguments, run as cli_run
 
-    p = argparse.ArgumentParser(prog="python -m edge_model.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m router_tools.train", description=__doc__.splitlines()[0])
     add_arguments(p)
     return cli_run(p.parse_args(argv))
 

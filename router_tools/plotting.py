@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from router.calibration import Sweep
+from router_tools.thresholds import Sweep
 from router.errors import RouterError
 
 

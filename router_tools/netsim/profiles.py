@@ -9,7 +9,7 @@ Delay model (per direction, per chunk read from the socket)::
     one_way   = max(0, rtt/2 + U(-jitter/2, +jitter/2))     -> RTT varies within rtt ± jitter
     delivered = max(arrival + serialisation + one_way + slow/2 + loss_penalty, previous delivery)
 
-Loss is modelled as TCP experiences it (see :mod:`router.netsim.link`): bytes are never
+Loss is modelled as TCP experiences it (see :mod:`router_tools.netsim.link`): bytes are never
 dropped from the stream; a lost segment costs a retransmission delay.
 """
 

@@ -9,15 +9,15 @@
 Edge predictions come from the policy's edge model (default: the shipped INT8 model); cloud
 predictions from the cloud model file, or from a running v2 service with ``--cloud-url``.
 The threshold is chosen on the calibrated confidences the router will compare with it
-(:mod:`router.calibration`); ``--write`` changes only ``confidence_threshold`` in the policy
-file, keeping its comments (:mod:`router.policy_edit`).
+(:mod:`router_tools.thresholds`); ``--write`` changes only ``confidence_threshold`` in the policy
+file, keeping its comments (:mod:`router_tools.policy_edit`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from router.commands._common import add_data_arguments
+from router_tools.commands._common import add_data_arguments
 
 DEFAULT_CLOUD_MANIFEST = "cloud_service/artifacts/cloud-fp32.json"
 
@@ -76,12 +76,12 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier
-    from router import calibration as cal
+    from router_tools import thresholds as cal
     from router.errors import ConfigError
-    from router.labeled import load_labeled
+    from router_tools.labeled import load_labeled
     from router.policy import DEFAULT_POLICY_PATH, load_policy
-    from router.policy_edit import edit_policy, unified_diff, write_atomic
-    from router.scoring import V2BatchClient, model_logits, model_probs
+    from router_tools.policy_edit import edit_policy, unified_diff, write_atomic
+    from router_tools.scoring import V2BatchClient, model_logits, model_probs
 
     console = Console(stderr=False, highlight=False)
     root = Path(__file__).resolve().parent.parent.parent
@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
                 write_atomic(policy_path, new)
             console.print(f"wrote confidence_threshold: {choice.threshold!r} to {policy_path}")
     if args.plot:
-        from router.plotting import plot_curve
+        from router_tools.plotting import plot_curve
 
         plot_curve(s, args.plot, title=f"Calibration on {data.name}",
                    chosen=(p.escalation, p.accuracy, f"chosen t={choice.threshold:g}"))

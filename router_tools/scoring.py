@@ -101,7 +101,7 @@ class V2BatchClient:
         return r
 
     def metadata(self):
-        from cloud_service.protocol import model_path
+        from oip.protocol import model_path
         from router.cloud import parse_metadata
 
         if self._info is None:
@@ -113,7 +113,7 @@ class V2BatchClient:
                       progress=None) -> tuple[np.ndarray, RemoteModel]:
         """Probabilities for ``uint8 [N, H, W]`` pixels, ``batch_size`` images per request
         (``progress(done, total)`` after each)."""
-        from cloud_service.protocol import model_path
+        from oip.protocol import model_path
         from router.cloud import build_infer_body, parse_infer_response
 
         info = self.metadata()

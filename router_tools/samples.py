@@ -1,8 +1,8 @@
 """Shipped sample images: real test-split images plus variants that exercise the preprocessing.
 
-    python -m edge_model.samples [--out DIR]
+    python -m router_tools.samples [--out DIR]
 
-Writes, deterministically, into ``edge_model/data/samples/`` (or ``--out``):
+Writes, deterministically, into ``router_tools/data/samples/`` (or ``--out``):
 
 * ``NNNN-<label>.png`` -- the first test-split image of each class, as stored (28x28 grayscale);
   ``NNNN`` is its index in the test split, ``<label>`` its true label;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge_model.data import LABELS, SAMPLES_DIR, load_test
+from router_tools.datasets import LABELS, SAMPLES_DIR, load_test
 
 # (test index of the source image, variant) for the preprocessing variants.
 VARIANTS = (("rgb-on-white", 9), ("rgba-transparent", 5), ("exif-rotated", 0))
@@ -112,7 +112,7 @@ def sample_paths(directory: str | Path = SAMPLES_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_model.samples", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m router_tools.samples", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(SAMPLES_DIR), help="output directory (default: the package's data/samples)")
     args = p.parse_args(argv)
     for path in write(args.out):

@@ -1,6 +1,6 @@
 """The embedded default data set: Fashion-MNIST, shipped splits and the Debian source.
 
-Shipped inside the package (``edge_model/data/fashion-mnist/``), so nothing is downloaded:
+Shipped inside the package (``router_tools/data/fashion-mnist/``), so nothing is downloaded:
 
 * ``t10k-*``: the official 10k test split, byte-identical to the upstream files;
 * ``val-*``: 5k images held out of the 60k training set (never trained on), for temperature
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_model.errors import DatasetError
-from edge_model.idx import read_idx
+from router_tools.idx import read_idx
 
 LABELS: tuple[str, ...] = (
     "T-shirt/top",
@@ -125,7 +125,7 @@ def make_splits(source_dir: str | Path = DEBIAN_DIR, out_dir: str | Path = SHIPP
     """Write the shipped test/validation splits from the upstream files (run once by maintainers)."""
     import shutil
 
-    from edge_model.idx import write_idx_gz
+    from router_tools.idx import write_idx_gz
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

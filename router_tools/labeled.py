@@ -1,6 +1,6 @@
 """Labeled image sets for ``calibrate`` and ``eval``: a shipped split, a folder or a CSV.
 
-* a shipped split (``validation`` or ``test``, from :mod:`edge_model.data`);
+* a shipped split (``validation`` or ``test``, from :mod:`router_tools.datasets`);
 * a folder ``DIR/<label>/*.png|jpg|jpeg`` -- ``<label>`` is a class name of the model, matched
   case-insensitively and ignoring punctuation and spaces (``t-shirt_top`` is ``T-shirt/top``,
   whose ``/`` cannot appear in a folder name), or a class index (``0`` .. ``9``);
@@ -66,7 +66,7 @@ def load_labeled(data: str | os.PathLike | None = None, *, split: str = "validat
     if limit is not None and limit < 1:
         raise LabeledDataError(f"limit must be a positive number of images; got {limit}")
     if labels is None:
-        from edge_model.data import LABELS
+        from router_tools.datasets import LABELS
 
         labels = LABELS
     if data is None:
@@ -82,7 +82,7 @@ def load_labeled(data: str | os.PathLike | None = None, *, split: str = "validat
 
 
 def load_split(split: str) -> LabeledSet:
-    from edge_model.data import load_split as load
+    from router_tools.datasets import load_split as load
 
     if split not in SHIPPED_SPLITS:
         raise LabeledDataError(f"unknown split {split!r}; choose one of {', '.join(SHIPPED_SPLITS)}")

@@ -1,7 +1,7 @@
 """Shared plumbing: a loopback listener that can stop listening without losing its port, and a
 service that runs its own asyncio loop in a background thread so sync code (tests, CLI) can
-drive it. Both :class:`~router.netsim.proxy.NetworkProxy` and
-:class:`~router.netsim.faultserver.FaultServer` build on these.
+drive it. Both :class:`~router_tools.netsim.proxy.NetworkProxy` and
+:class:`~router_tools.netsim.faultserver.FaultServer` build on these.
 """
 
 from __future__ import annotations

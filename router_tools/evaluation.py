@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from router.labeled import LabeledSet
+from router_tools.labeled import LabeledSet
 from router.policy import RoutingPolicy, parse_policy
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
@@ -164,8 +164,8 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
              progress: Optional[ProgressFn] = None) -> dict:
     """Run the three phases (module docstring) and return the report as a JSON-able dict."""
     from router import Router
-    from router.calibration import sweep
-    from router.scoring import V2BatchClient, model_probs
+    from router_tools.thresholds import sweep
+    from router_tools.scoring import V2BatchClient, model_probs
 
     policy = policy_for(settings.policy, settings.route_url)
     deadline_ms = float(settings.deadline_ms or policy.default_deadline_ms)

@@ -1,4 +1,4 @@
-"""A :class:`router.netsim.NetworkProxy` in its own process, for measurements.
+"""A :class:`router_tools.netsim.NetworkProxy` in its own process, for measurements.
 
 In-process, the simulated network's event loop shares the measuring process's GIL with the
 router it measures, so every forwarded chunk and timer steals time from the router's own loop
@@ -8,7 +8,7 @@ child process and controls it over a pipe::
     with ProxyProcess(("127.0.0.1", port), "wan40", seed=0) as proxy:
         url = proxy.url_for()
         proxy.set_mode("refuse")      # same calls as NetworkProxy
-        proxy.stats()                 # -> router.netsim.ProxyStats
+        proxy.stats()                 # -> router_tools.netsim.ProxyStats
 
 Protocol (one JSON object per line): the child prints ``{"port": N, "profile": "..."}`` once
 ready; then answers each command line on stdin (``{"op": "set_mode", "mode": "refuse"}``,
@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from router.netsim import NetworkProfile, ProxyStats, get_profile
-from router.netsim._service import parse_upstream
-from router.netsim.errors import NetsimError
+from router_tools.netsim import NetworkProfile, ProxyStats, get_profile
+from router_tools.netsim._service import parse_upstream
+from router_tools.netsim.errors import NetsimError
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ class ProxyProcess:
                            "profile": {k: getattr(self.profile, k) for k in self.profile.__dataclass_fields__}},
                           default=str)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-        self._proc = subprocess.Popen([sys.executable, "-m", "router.proxy_process", spec], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "router_tools.proxy_process", spec], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(_ROOT))
         line = self._readline(self._timeout)
         try:
@@ -130,7 +130,7 @@ class ProxyProcess:
 def _serve(spec: dict) -> int:
     import dataclasses
 
-    from router.netsim import NetworkProxy
+    from router_tools.netsim import NetworkProxy
 
     profile = NetworkProfile(**spec["profile"])
     with NetworkProxy(spec["upstream"], profile, seed=int(spec["seed"])) as proxy:

@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_model.calibration import expected_calibration_error, fit_temperature
+from edge_model.calibration import calibrated_softmax, expected_calibration_error, fit_temperature
 from router.errors import RouterError
 
 
@@ -273,11 +273,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Calibrated probabilities with the same float32 operations as ``OnnxClassifier.predict_proba``."""
     if not temperature > 0:
         raise CalibrationError(f"temperature must be > 0; got {temperature!r}")
-    z = np.asarray(logits, dtype=np.float32) * np.float32(1.0 / float(temperature))
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    return calibrated_softmax(logits, temperature)
 
 
 def refit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
