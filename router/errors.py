@@ -8,19 +8,37 @@
      ├── EdgeError                   local model missing, corrupt or failing (from edge_model / onnxruntime)
      ├── CloudError                  escalation failed (from httpx and HTTP statuses)
      │    ├── CloudTimeout           an attempt ran out of its share of the deadline
-     │    ├── CloudUnavailable       refused / reset / DNS / 502 / 503 / 504 (retry_after when the server said)
+     │    ├── CloudUnavailable       refused / reset / DNS (retry_after when the server said)
+     │    │    ├── CloudOverloaded   503 / 429: the server is up but shedding load
+     │    │    ├── CloudGatewayError 502 / 504: a proxy in front of the server failed
+     │    │    ├── CloudTLSError     the TLS handshake failed (untrusted certificate, not TLS at all)
      │    │    └── CircuitOpen       the breaker (or the readiness probe) said no; no connection was tried
      │    ├── CloudRejected          4xx: the server refused this request (status, message); never retried
      │    │    └── CloudAuthError    401 / 403
      │    ├── CloudServerError       500 and other 5xx that are not worth a retry
-     │    └── CloudProtocolError     a body that is not a valid Open Inference Protocol response
+     │    └── CloudProtocolError     a body that is not a valid Open Inference Protocol response, or an
+     │                               impossible one (class count, probabilities outside [0, 1], NaN, too large)
      ├── PrivacyViolation            a request that would need the network under privacy (cloud_only + privacy)
      └── PredictionUnavailable       neither side could answer; carries ``edge_error`` and ``cloud_error``
 
 ``retryable`` on a :class:`CloudError` says whether the retry policy may try the same endpoint again.
+``category`` says why an escalation failed, in words an operator acts on (one of
+:data:`CLOUD_FAILURE_CATEGORIES`); it travels to ``Prediction.cloud_failure`` and ``stats()``.
 """
 
 from __future__ import annotations
+
+# Why an escalation failed. The class attribute ``category`` below is the one table mapping errors to these.
+CLOUD_FAILURE_CATEGORIES = (
+    "auth",  # 401 / 403: the key is missing, wrong or not allowed
+    "rejected",  # other 4xx: the server refused this request
+    "timeout",  # the attempt ran out of its share of the deadline
+    "unreachable",  # connection refused / reset, DNS, no route, breaker open
+    "tls",  # certificate not trusted, handshake failed
+    "server_error",  # 5xx other than 503
+    "overloaded",  # 503 / 429
+    "protocol",  # malformed or impossible answer
+)
 
 
 class RouterError(Exception):
@@ -45,6 +63,7 @@ class PrivacyViolation(RouterError):
 
 class CloudError(RouterError):
     retryable = False
+    category = "unreachable"  # an unexpected failure of the exchange: the cloud could not be used
 
     def __init__(self, message: str, *, endpoint: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -54,6 +73,7 @@ class CloudError(RouterError):
 
 class CloudTimeout(CloudError):
     retryable = True
+    category = "timeout"
 
 
 class CloudUnavailable(CloudError):
@@ -64,24 +84,37 @@ class CloudUnavailable(CloudError):
         self.retry_after = retry_after
 
 
+class CloudOverloaded(CloudUnavailable):
+    category = "overloaded"
+
+
+class CloudGatewayError(CloudUnavailable):
+    category = "server_error"
+
+
+class CloudTLSError(CloudUnavailable):
+    retryable = False  # an untrusted certificate stays untrusted; failover to another endpoint still applies
+    category = "tls"
+
+
 class CircuitOpen(CloudUnavailable):
     retryable = False
 
 
 class CloudRejected(CloudError):
-    pass
+    category = "rejected"
 
 
 class CloudAuthError(CloudRejected):
-    pass
+    category = "auth"
 
 
 class CloudServerError(CloudError):
-    pass
+    category = "server_error"
 
 
 class CloudProtocolError(CloudError):
-    pass
+    category = "protocol"
 
 
 class PredictionUnavailable(RouterError):

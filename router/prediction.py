@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Optional
 
@@ -39,13 +40,31 @@ class EdgeOpinion(BaseModel):
     model_version: str
 
 
+@dataclass(frozen=True)
+class CloudFailure:
+    """Why an escalation failed: ``category`` is one of ``router.errors.CLOUD_FAILURE_CATEGORIES``
+    (auth, rejected, timeout, unreachable, tls, server_error, overloaded, protocol)."""
+
+    category: str
+    message: str
+    endpoint: Optional[str] = None
+
+    @classmethod
+    def from_error(cls, exc: BaseException) -> "CloudFailure":
+        """From a ``CloudError`` (its ``category`` class attribute is the one mapping table)."""
+        return cls(getattr(exc, "category", "unreachable"), str(exc), getattr(exc, "endpoint", None))
+
+
 def build(cls: type[BaseModel], **values):
     """Build a model from values the router computed itself, skipping validation.
 
     pydantic's ``model_construct`` still walks every field (~27 us here, more than validating);
     this sets the instance state directly (~5 us), which matters on the confident hot path whose
-    whole budget is a few tens of microseconds. Every field must be given.
+    whole budget is a few tens of microseconds. Fields not given take their (immutable) defaults.
     """
+    if len(values) != len(_FIELDS[cls]):
+        defaults = _DEFAULTS[cls]  # in field order: dumps keep the schema's order
+        values = {k: values[k] if k in values else defaults[k] for k in cls.model_fields}
     obj = cls.__new__(cls)
     object.__setattr__(obj, "__dict__", values)
     object.__setattr__(obj, "__pydantic_fields_set__", _FIELDS[cls])
@@ -70,6 +89,9 @@ class Prediction(BaseModel):
     request_id: str
     endpoint: Optional[str] = None  # which cloud endpoint answered
     edge: Optional[EdgeOpinion] = None
+    cloud_failure: Optional[CloudFailure] = None  # why the escalation failed, when it did
 
 
 _FIELDS = {cls: frozenset(cls.model_fields) for cls in (Timings, EdgeOpinion, Prediction)}
+_DEFAULTS = {cls: {k: f.default for k, f in cls.model_fields.items() if not f.is_required()}  # all immutable
+             for cls in (Timings, EdgeOpinion, Prediction)}
