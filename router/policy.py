@@ -53,6 +53,20 @@ class BreakerSettings(_Strict):
     half_open_max_calls: int = Field(1, ge=1, description="trial calls let through while half-open")
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine (127.0.0.0/8, ::1, localhost): plain http stays on it."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Endpoint(_Strict):
     name: Optional[str] = None
     url: str
@@ -63,11 +77,18 @@ class Endpoint(_Strict):
     weight: float = Field(1.0, gt=0)
     input_datatype: Literal["auto", "UINT8", "FP32"] = "auto"
     output_name: str = "probabilities"
-    output_kind: Literal["probabilities", "logits"] = "probabilities"
+    output_kind: Literal["probabilities", "log_probabilities", "logits"] = "probabilities"
     initial_latency_ms: float = Field(20.0, gt=0, description="latency estimate before any call succeeded")
     max_batch_size: Optional[int] = Field(
         None, ge=1, description="rows per request the server accepts (Triton's max_batch_size); larger "
                                 "escalations are split into concurrent requests")
+    # --- transport security and answer bounds (router/cloud.py)
+    tls_verify: bool = Field(True, description="false accepts any certificate (logged as a warning): tests only")
+    ca_bundle: Optional[str] = Field(None, description="PEM file of the CAs trusted for this endpoint (instead of certifi's)")
+    allow_insecure_http: bool = Field(
+        False, description="allow sending the API key over plain http to a host that is not loopback")
+    max_response_bytes: Optional[int] = Field(
+        None, ge=1024, description="cap on a response body; default: derived from rows x classes, at least 64 KiB")
 
     @field_validator("url")
     @classmethod
@@ -75,6 +96,19 @@ class Endpoint(_Strict):
         if not (v.startswith("http://") or v.startswith("https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _transport_security(self) -> "Endpoint":
+        if self.url.startswith("http://") and self.api_key_env and not self.allow_insecure_http \
+                and not is_loopback_url(self.url):
+            raise ValueError(f"endpoint {self.label!r}: refusing to send the API key over plain http to a "
+                             "non-loopback host; use https:// or set allow_insecure_http: true")
+        if self.ca_bundle is not None:
+            if not self.tls_verify:
+                raise ValueError(f"endpoint {self.label!r}: ca_bundle is set but tls_verify is false; drop one")
+            if not os.path.isfile(self.ca_bundle):
+                raise ValueError(f"endpoint {self.label!r}: ca_bundle {self.ca_bundle!r} is not a file")
+        return self
 
     @property
     def key(self) -> str:
