@@ -53,6 +53,9 @@ class BatchingSettings(_Section):
     enabled: bool = True
     max_batch_size: int = Field(32, ge=1, le=4096, description="rows per ONNX Runtime call")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=60_000, description="longest wait for a batch to fill")
+    dispatch_when_idle: bool = Field(
+        True, description="start a batch at once when an execution instance is idle (false: wait max_queue_delay_ms)"
+    )
     max_queue_size: int = Field(256, ge=1, le=1_000_000, description="queued requests before 503")
     default_timeout_ms: Optional[float] = Field(
         None, gt=0, description="budget of requests that carry no parameters.timeout (None: unbounded)"
