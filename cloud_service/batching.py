@@ -4,22 +4,40 @@ Requests (``submit(x, deadline)``, ``x`` a ``float32 [n, ...]`` array) wait in a
 Whenever an execution instance is free, queued requests are coalesced into one batch of at
 most ``max_batch_size`` rows and handed to a worker thread, which concatenates them and calls
 ``execute`` (ONNX Runtime never runs on the event loop); each request gets its own rows of
-every output back through its future. A batch is dispatched as soon as it is full, or when
-its oldest request has waited ``max_queue_delay`` -- whichever comes first -- so at low load a
-lone request waits at most the delay, and under load batches fill while the previous one runs.
+every output back through its future.
 
-Load shedding and deadlines:
+When to dispatch (``dispatch_when_idle``):
 
+* ``True`` (default): a batch starts as soon as an execution instance is idle. Batches fill by
+  themselves while every instance is busy (requests arriving meanwhile wait for the next free
+  instance), so nobody waits for company while a core sits idle.
+* ``False`` (Triton's behaviour, kept as the benchmark baseline): a batch starts when it is
+  full or its oldest request has waited ``max_queue_delay``, even if instances are idle.
+
+Admission and deadlines -- nothing is computed to be thrown away:
+
+* A :class:`ServiceTimeModel` (online linear fit of measured batch times against batch rows)
+  predicts when a new request would complete, from the rows queued ahead of it, the expected
+  ends of the running batches and the number of instances. A request whose deadline falls
+  before that is refused at once with :class:`Overloaded` (503 + ``Retry-After``) instead of
+  being queued to expire.
 * ``max_queue_size`` queued requests (requests, as in Triton, not rows): the next one is refused
-  at once with :class:`Overloaded` carrying a ``retry_after`` estimate.
-* A request whose deadline passes while queued is removed, answered
-  :class:`DeadlineExceeded` at that moment (not when a batch would have formed) and never
-  computed. If the deadline passes while its batch is running it is also answered at once; the
-  late result is dropped.
-* A request larger than ``max_batch_size`` rows runs alone (never split).
+  at once with :class:`Overloaded` too.
+* Right before a batch is formed, queued requests whose deadline has passed, or would pass
+  before the batch is predicted to finish, are answered :class:`DeadlineExceeded` and dropped.
+  A request whose deadline passes while queued is also answered at that moment (a timer).
+  If the deadline passes while its batch runs it is answered at once; the late rows are
+  counted as wasted (``wasted_rows`` metric).
 
-Batching off (``max_batch_size=1, max_queue_delay=0``, see :func:`unbatched`) is the same
-machinery degenerated to "run each request in a worker thread as soon as one is free".
+A request larger than ``max_batch_size`` rows is split into chunks of ``max_batch_size`` rows
+that run on whichever instances are free (concurrently when several are) and are reassembled
+in row order; a request that fits is never split.
+
+Every scheduling decision is appended to ``decisions`` (bounded), so tests can check what the
+batcher decided rather than how long things took; ``clock`` and ``executor`` are injectable.
+
+Batching off (``max_batch_size=1, max_queue_delay=0``, no splitting, see :func:`unbatched`) is
+the same machinery degenerated to "run each request in a worker thread as soon as one is free".
 
 ``stop()`` refuses new work, flushes the queue without waiting for the delay, and waits for
 running batches (bounded), so a graceful shutdown computes everything already accepted.
@@ -28,12 +46,13 @@ running batches (bounded), so a graceful shutdown computes everything already ac
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -44,21 +63,76 @@ log = logging.getLogger("cloud_service.batching")
 
 Outputs = tuple[np.ndarray, ...]
 ExecuteFn = Callable[[np.ndarray], Sequence[np.ndarray]]
+Clock = Callable[[], float]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
-class _Item:
-    __slots__ = ("x", "rows", "deadline", "enqueued", "future", "state", "timer")
+class ServiceTimeModel:
+    """Predicted seconds of one batch: ``fixed + per_row * rows``, fitted online.
 
-    def __init__(self, x: np.ndarray, deadline: Optional[float], future: asyncio.Future) -> None:
+    Written by hand because it is a five-sum weighted least squares: exponentially weighted sums
+    (``decay`` per observation, so it follows load and contention changes within a few dozen
+    batches) of rows, seconds and their products. With a single batch size seen so far the
+    fixed part cannot be separated and the cost is taken as proportional to rows.
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.fixed_s = 0.0
+        self.per_row_s = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self._w > 0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._sx = d * self._sx + rows
+        self._sy = d * self._sy + seconds
+        self._sxx = d * self._sxx + rows * rows
+        self._sxy = d * self._sxy + rows * seconds
+        mx, my = self._sx / self._w, self._sy / self._w
+        var = self._sxx / self._w - mx * mx
+        slope = (self._sxy / self._w - mx * my) / var if var > 1e-6 * max(1.0, mx * mx) else -1.0
+        if slope < 0 or my - slope * mx < 0:  # one size seen, or a fit that makes no physical sense
+            self.fixed_s, self.per_row_s = 0.0, my / max(mx, 1.0)
+        else:
+            self.fixed_s, self.per_row_s = my - slope * mx, slope
+
+    def predict(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
+class Decision(NamedTuple):
+    """One scheduling decision. ``kind``: dispatch | wait | shed | drop; ``reason`` says why."""
+
+    kind: str
+    reason: str
+    rows: int
+    at: float
+
+
+class _Item:
+    __slots__ = ("x", "rows", "deadline", "enqueued", "future", "state", "timer", "next_row", "done_rows", "parts")
+
+    def __init__(self, x: np.ndarray, deadline: Optional[float], future: asyncio.Future, now: float) -> None:
         self.x = x
         self.rows = int(x.shape[0])
         self.deadline = deadline
-        self.enqueued = time.monotonic()
+        self.enqueued = now
         self.future = future
         self.state = _QUEUED
         self.timer: Optional[asyncio.TimerHandle] = None
+        self.next_row = 0  # first row not yet handed to an instance (> 0 only for split requests)
+        self.done_rows = 0
+        self.parts: list[tuple[int, Outputs]] = []
+
+
+# (item, first row, end row) of one request's rows in a batch
+_Part = tuple[_Item, int, int]
 
 
 class DynamicBatcher:
@@ -72,8 +146,13 @@ class DynamicBatcher:
         max_queue_delay_s: float = 0.002,
         max_queue_size: int = 256,
         instances: int = 1,
+        dispatch_when_idle: bool = True,
+        split_oversize: bool = True,
         metrics: Optional[ModelMetrics] = None,
         name: str = "model",
+        clock: Clock = time.monotonic,
+        executor: Optional[Executor] = None,
+        service_time: Optional[ServiceTimeModel] = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size, max_queue_size and instances must be >= 1 and the delay >= 0")
@@ -82,17 +161,23 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.instances = instances
+        self.dispatch_when_idle = dispatch_when_idle
+        self.split_oversize = split_oversize
         self.name = name
+        self.service_time = service_time if service_time is not None else ServiceTimeModel()
+        self.decisions: deque[Decision] = deque(maxlen=1024)
         self._metrics = metrics
+        self._clock = clock
+        self._given_executor = executor
         self._queue: deque[_Item] = deque()
-        self._queued_rows = 0
-        self._running = 0
+        self._queued_rows = 0  # rows not yet handed to an instance
+        self._running: dict[int, float] = {}  # batch id -> predicted end
+        self._batch_ids = itertools.count()
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closing = False
         self._idle: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
-        self._exec_ewma_s = 0.0
+        self._executor: Optional[Executor] = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -100,7 +185,8 @@ class DynamicBatcher:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix=f"infer-{self.name}")
+        self._executor = self._given_executor or ThreadPoolExecutor(
+            max_workers=self.instances, thread_name_prefix=f"infer-{self.name}")
         self._closing = False
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -113,15 +199,16 @@ class DynamicBatcher:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("%s: %d queued / %d running batches left after %.1fs drain", self.name,
-                        len(self._queue), self._running, timeout)
+                        len(self._queue), len(self._running), timeout)
             while self._queue:
-                item = self._pop()
+                item = self._queue[0]
+                self._remove(item)
                 self._finish(item, exc=Unavailable("service shut down before the request was computed"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         executor, self._executor = self._executor, None
-        if executor is not None:
+        if executor is not None and executor is not self._given_executor:
             executor.shutdown(wait=False, cancel_futures=True)
         self._loop = None
 
@@ -131,40 +218,58 @@ class DynamicBatcher:
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._running)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Feed the service-time model a measured batch (the data plane seeds it at warm-up)."""
+        self.service_time.observe(rows, seconds)
 
     # ------------------------------------------------------------------ requests
     async def submit(self, x: np.ndarray, deadline: Optional[float] = None) -> Outputs:
         """Queue ``x`` (``[n, ...]``) and wait for its rows of every output.
 
-        ``deadline`` is a ``time.monotonic()`` instant. Raises :class:`Overloaded`,
-        :class:`Unavailable` (not started / shutting down), :class:`DeadlineExceeded`,
-        :class:`InferenceFailed`.
+        ``deadline`` is an instant of ``clock`` (``time.monotonic()`` by default). Raises
+        :class:`Overloaded` (queue full, or the deadline cannot be met), :class:`Unavailable`
+        (not started / shutting down), :class:`DeadlineExceeded`, :class:`InferenceFailed`.
         """
         loop = self._loop
+        m = self._metrics
         if loop is None or self._closing:
-            if self._metrics is not None:
-                self._metrics.rejected_closed.inc()
+            if m is not None:
+                m.rejected_closed.inc()
             raise Unavailable("the model is not serving (starting up or shutting down)")
+        if x.shape[0] < 1:
+            raise ValueError("empty batch")
         if len(self._queue) >= self.max_queue_size:
-            if self._metrics is not None:
-                self._metrics.rejected_full.inc()
+            if m is not None:
+                m.rejected_full.inc()
             raise Overloaded(
                 f"queue full ({self.max_queue_size} requests waiting); retry later", retry_after=self.retry_after()
             )
-        if x.shape[0] < 1:
-            raise ValueError("empty batch")
-        item = _Item(x, deadline, loop.create_future())
+        now = self._clock()
+        rows = int(x.shape[0])
         if deadline is not None:
-            remaining = deadline - item.enqueued
-            if remaining <= 0:
+            if deadline <= now:
                 raise DeadlineExceeded("the request's budget was exhausted on arrival")
-            item.timer = loop.call_later(remaining, self._expire, item)
+            if self.service_time.known:
+                eta = self.expected_completion(rows, now)
+                if eta > deadline:
+                    self.decisions.append(Decision("shed", "expected_wait", rows, now))
+                    if m is not None:
+                        m.rejected_deadline.inc()
+                    raise Overloaded(
+                        f"too busy to answer within the request's budget ({(deadline - now) * 1000:.0f} ms, "
+                        f"expected {(eta - now) * 1000:.0f} ms); retry after Retry-After or with a longer timeout",
+                        retry_after=self.retry_after(),
+                    )
+        item = _Item(x, deadline, loop.create_future(), now)
+        if deadline is not None:
+            item.timer = loop.call_later(deadline - now, self._expire, item)
         self._queue.append(item)
-        self._queued_rows += item.rows
+        self._queued_rows += rows
         self._idle.clear()
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(len(self._queue))
+        if m is not None:
+            m.queue_depth.set(len(self._queue))
         self._dispatch()
         try:
             return await item.future
@@ -172,117 +277,193 @@ class DynamicBatcher:
             # The caller went away (client disconnected, server stopping): do not compute for nobody.
             if item.state == _QUEUED:
                 self._remove(item)
+                self._check_idle()
             raise
 
+    def expected_completion(self, rows: int, now: Optional[float] = None) -> float:
+        """Predicted ``clock`` instant at which a request of ``rows`` submitted now would be answered.
+
+        The queue ahead drains in full batches; batch ``j`` goes to the instance that frees first,
+        which for equal batch times is round-robin over the instances sorted by when they free up.
+        """
+        now = self._clock() if now is None else now
+        model, size = self.service_time, self.max_batch_size
+        free = sorted(max(now, end) for end in self._running.values())
+        free = [now] * (self.instances - len(free)) + free
+        if not self.dispatch_when_idle:
+            free = [t + self.max_queue_delay_s for t in free]
+        full = model.predict(size)
+        ahead = self._queued_rows
+        total = ahead + rows
+        first, last = ahead // size, (total - 1) // size
+        eta = now
+        for j in range(max(first, last - self.instances + 1), last + 1):
+            batch_rows = min(size, total - j * size)
+            eta = max(eta, free[j % self.instances] + (j // self.instances) * full + model.predict(batch_rows))
+        return eta
+
     def retry_after(self) -> float:
-        """Seconds until the current queue has likely drained (at least 1, as Retry-After is whole seconds)."""
-        batches = math.ceil(max(1, self._queued_rows) / self.max_batch_size) / self.instances
-        return max(1.0, math.ceil(batches * max(self._exec_ewma_s, 0.001) + self.max_queue_delay_s))
+        """Seconds until the current backlog has likely drained (at least 1, as Retry-After is whole seconds)."""
+        if not self.service_time.known:
+            return 1.0
+        now = self._clock()
+        return max(1.0, math.ceil(self.expected_completion(1, now) - now))
 
     # ------------------------------------------------------------------ scheduling
     def _dispatch(self) -> None:
-        """Start batches while an instance is free and a batch is due (full, oldest waited long enough, closing)."""
-        while self._queue and self._running < self.instances:
-            oldest = self._queue[0]
-            due = oldest.enqueued + self.max_queue_delay_s
-            if self._queued_rows < self.max_batch_size and not self._closing and time.monotonic() < due:
-                if self._timer is None:
-                    self._timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
-                return
-            self._start_batch()
-        if not self._queue and self._running == 0 and self._idle is not None:
-            self._idle.set()
+        """Start batches while an instance is free and a batch is due."""
+        while self._queue and len(self._running) < self.instances:
+            if self._closing:
+                reason = "closing"
+            elif self._queued_rows >= self.max_batch_size:
+                reason = "full"
+            elif self.dispatch_when_idle:
+                reason = "idle"
+            else:
+                due = self._queue[0].enqueued + self.max_queue_delay_s
+                now = self._clock()
+                if now < due:
+                    if self._timer is None:
+                        self.decisions.append(Decision("wait", "delay", self._queued_rows, now))
+                        self._timer = self._loop.call_later(due - now, self._on_timer)
+                    return
+                reason = "delay"
+            self._start_batch(reason)
+        self._check_idle()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
 
-    def _start_batch(self) -> None:
+    def _start_batch(self, reason: str) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch: list[_Item] = []
+        now = self._clock()
+        model, size = self.service_time, self.max_batch_size
+        batch: list[_Part] = []
         rows = 0
         while self._queue:
-            nxt = self._queue[0]
-            if batch and rows + nxt.rows > self.max_batch_size:
+            item = self._queue[0]
+            take = item.rows - item.next_row
+            if self.split_oversize:
+                take = min(take, size)
+            if batch and rows + take > size:
                 break
-            self._pop()
-            nxt.state = _RUNNING
-            batch.append(nxt)
-            rows += nxt.rows
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(len(self._queue))
-        self._running += 1
-        started = time.monotonic()
-        if self._metrics is not None:
-            for item in batch:
-                self._metrics.queue_time.observe(started - item.enqueued)
-        fut = self._loop.run_in_executor(self._executor, _run_batch, self._execute, [it.x for it in batch])
-        fut.add_done_callback(lambda f: self._on_done(f, batch, rows, started))
+            if item.deadline is not None and (
+                now >= item.deadline or (model.known and now + model.predict(rows + take) > item.deadline)
+            ):
+                # Drop it before computing: its answer would come too late to be used.
+                self._remove(item)
+                self._drop(item, now)
+                continue
+            start = item.next_row
+            item.next_row += take
+            self._queued_rows -= take
+            batch.append((item, start, start + take))
+            rows += take
+            if item.next_row == item.rows:
+                self._queue.popleft()
+                item.state = _RUNNING
+            else:
+                break  # a chunk of a split request fills the batch; its next chunk goes to the next instance
+        m = self._metrics
+        if m is not None:
+            m.queue_depth.set(len(self._queue))
+        if not batch:
+            return
+        self.decisions.append(Decision("dispatch", reason, rows, now))
+        batch_id = next(self._batch_ids)
+        self._running[batch_id] = now + model.predict(rows)
+        if m is not None:
+            for item, start, _ in batch:
+                if start == 0:
+                    m.queue_time.observe(now - item.enqueued)
+        xs = [item.x if stop - start == item.rows else item.x[start:stop] for item, start, stop in batch]
+        fut = self._loop.run_in_executor(self._executor, _run_batch, self._execute, xs)
+        fut.add_done_callback(lambda f: self._on_done(f, batch_id, batch, rows, now))
 
-    def _on_done(self, fut: asyncio.Future, batch: list[_Item], rows: int, started: float) -> None:
-        self._running -= 1
-        elapsed = time.monotonic() - started
-        self._exec_ewma_s = elapsed if self._exec_ewma_s == 0 else 0.8 * self._exec_ewma_s + 0.2 * elapsed
+    def _on_done(self, fut: asyncio.Future, batch_id: int, batch: list[_Part], rows: int, started: float) -> None:
+        del self._running[batch_id]
+        elapsed = self._clock() - started
+        m = self._metrics
         exc = fut.exception() if not fut.cancelled() else Unavailable("execution cancelled at shutdown")
         if exc is not None:
             if not isinstance(exc, ServiceError):
                 log.error("%s: batch of %d rows failed: %s: %s", self.name, rows, type(exc).__name__, exc)
                 exc = InferenceFailed(f"inference failed ({type(exc).__name__})")
-            if self._metrics is not None:
-                self._metrics.failures.inc()
-            for item in batch:
+            if m is not None:
+                m.failures.inc()
+            for item, _, _ in batch:
+                if item.state == _QUEUED:  # the rest of a split request: no point computing it
+                    self._remove(item)
                 self._finish(item, exc=exc)
         else:
+            self.service_time.observe(rows, elapsed)
             outputs = fut.result()
-            m = self._metrics
+            wasted = 0
+            offset = 0
+            for item, start, stop in batch:
+                n = stop - start
+                if item.future.done():  # answered already (deadline, client gone, failed chunk)
+                    wasted += n
+                else:
+                    item.parts.append((start, tuple(o[offset:offset + n] for o in outputs)))
+                    item.done_rows += n
+                    if item.done_rows == item.rows:
+                        self._finish(item, result=_assemble(item.parts))
+                        if m is not None:
+                            m.request_count.inc()
+                offset += n
             if m is not None:
                 m.execution_count.inc()
                 m.inference_count.inc(rows)
                 m.batch_size.observe(rows)
                 m.compute_time.observe(elapsed)
-            start = 0
-            for item in batch:
-                end = start + item.rows
-                if self._finish(item, result=tuple(o[start:end] for o in outputs)) and m is not None:
-                    m.request_count.inc()
-                start = end
+                if wasted:
+                    m.wasted_rows.inc(wasted)
         self._dispatch()
 
     # ------------------------------------------------------------------ item bookkeeping
-    def _pop(self) -> _Item:
-        item = self._queue.popleft()
-        self._queued_rows -= item.rows
-        return item
-
     def _remove(self, item: _Item) -> None:
+        """Take a queued item out of the queue (its undispatched rows with it)."""
         try:
             self._queue.remove(item)
         except ValueError:
             return
-        self._queued_rows -= item.rows
+        self._queued_rows -= item.rows - item.next_row
         item.state = _DONE
         if item.timer is not None:
             item.timer.cancel()
+            item.timer = None
         if self._metrics is not None:
             self._metrics.queue_depth.set(len(self._queue))
-        if not self._queue and self._running == 0:
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._running and self._idle is not None:
             self._idle.set()
+
+    def _drop(self, item: _Item, now: float) -> None:
+        self.decisions.append(Decision("drop", "expired" if now >= item.deadline else "cannot_finish_in_time",
+                                       item.rows - item.next_row, now))
+        if self._metrics is not None:
+            self._metrics.expired.inc()
+        if not item.future.done():
+            item.future.set_exception(DeadlineExceeded(
+                "the request's budget ran out while queued; not computed (retry with a longer timeout)"))
 
     def _expire(self, item: _Item) -> None:
         item.timer = None
         if item.state == _QUEUED:
             self._remove(item)
-            if self._metrics is not None:
-                self._metrics.expired.inc()
-            if not item.future.done():
-                item.future.set_exception(DeadlineExceeded("the request's budget ran out while queued; not computed"))
+            self._drop(item, self._clock())
+            self._check_idle()
         elif item.state == _RUNNING and not item.future.done():
             item.future.set_exception(DeadlineExceeded("the request's budget ran out during inference"))
 
     def _finish(self, item: _Item, result: Optional[Outputs] = None, exc: Optional[BaseException] = None) -> bool:
         item.state = _DONE
+        item.parts = []
         if item.timer is not None:
             item.timer.cancel()
             item.timer = None
@@ -295,6 +476,14 @@ class DynamicBatcher:
         return True
 
 
+def _assemble(parts: list[tuple[int, Outputs]]) -> Outputs:
+    """A split request's chunks, in row order, back into one array per output."""
+    if len(parts) == 1:
+        return parts[0][1]
+    parts.sort(key=lambda p: p[0])
+    return tuple(np.concatenate([p[1][k] for p in parts], axis=0) for k in range(len(parts[0][1])))
+
+
 def _run_batch(execute: ExecuteFn, xs: list[np.ndarray]) -> Outputs:
     """Worker thread: concatenate (off the loop too) and execute."""
     x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
@@ -302,7 +491,7 @@ def _run_batch(execute: ExecuteFn, xs: list[np.ndarray]) -> Outputs:
 
 
 def unbatched(execute: ExecuteFn, *, max_queue_size: int = 256, instances: int = 1,
-              metrics: Optional[ModelMetrics] = None, name: str = "model") -> DynamicBatcher:
+              metrics: Optional[ModelMetrics] = None, name: str = "model", **kwargs) -> DynamicBatcher:
     """Batching off: every request runs alone in a worker thread as soon as one is free."""
     return DynamicBatcher(execute, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=max_queue_size,
-                          instances=instances, metrics=metrics, name=name)
+                          instances=instances, split_oversize=False, metrics=metrics, name=name, **kwargs)

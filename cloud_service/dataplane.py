@@ -85,7 +85,8 @@ class ServedModel:
         if b.enabled:
             self.batcher = DynamicBatcher(
                 self._execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
-                max_queue_size=b.max_queue_size, instances=rt.instances, metrics=model_metrics, name=name,
+                max_queue_size=b.max_queue_size, instances=rt.instances, dispatch_when_idle=b.dispatch_when_idle,
+                metrics=model_metrics, name=name,
             )
         else:
             self.batcher = unbatched(self._execute, max_queue_size=b.max_queue_size, instances=rt.instances,
@@ -200,9 +201,10 @@ class DataPlane:
         t0 = time.monotonic()
         classifier = await asyncio.to_thread(OnnxClassifier, cfg.manifest, options)
         model = ServedModel(cfg.name, classifier, self.settings, self.metrics)
-        # Warm up the batch sizes the batcher will use, so the first burst pays no allocation cost.
-        warm = np.zeros((min(self.settings.batching.max_batch_size, 64), 1, model.height, model.width), np.float32)
-        await asyncio.to_thread(model._execute, warm)
+        # Warm up the batch sizes the batcher will use, so the first burst pays no allocation cost,
+        # and seed the batcher's service-time model so admission by expected wait works from the start.
+        for n, seconds in await asyncio.to_thread(_time_batches, model, (1, min(self.settings.batching.max_batch_size, 256))):
+            model.batcher.observe(n, seconds)
         model.batcher.start()
         model.ready = True
         self._models[model.name] = model
@@ -289,6 +291,21 @@ class DataPlane:
             raise PayloadTooLarge(str(exc)) from None
         except InputError as exc:
             raise InvalidRequest(str(exc)) from None
+
+
+def _time_batches(model: ServedModel, sizes: tuple[int, ...], runs: int = 3) -> list[tuple[int, float]]:
+    """Best of ``runs`` timings of each batch size (the first run of a size also warms it up)."""
+    timings = []
+    for n in dict.fromkeys(sizes):
+        x = np.zeros((n, 1, model.height, model.width), np.float32)
+        model._execute(x)
+        best = float("inf")
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model._execute(x)
+            best = min(best, time.perf_counter() - t0)
+        timings.append((n, best))
+    return timings
 
 
 def _check_deadline(deadline: Optional[float]) -> None:

@@ -56,12 +56,19 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "requests waiting in the batch queue", ["model"], registry=r)
         self.rejected = Counter(
-            f"{PREFIX}_rejected_requests", "requests refused before queueing (queue full, shutting down)",
+            f"{PREFIX}_rejected_requests",
+            "requests refused before queueing (queue_full; expected_wait: the budget could not be met; shutting_down)",
             ["model", "reason"], registry=r,
         )
         self.expired = Counter(
-            f"{PREFIX}_expired_requests", "requests whose budget ran out while queued (answered 504, not computed)",
+            f"{PREFIX}_expired_requests",
+            "requests dropped from the queue because their budget ran out or would before their batch ends "
+            "(answered 504, not computed)",
             ["model"], registry=r,
+        )
+        self.wasted_rows = Counter(
+            f"{PREFIX}_wasted_rows", "rows computed for nobody (deadline passed during inference, client gone); "
+            "compare with inference_count", ["model"], registry=r,
         )
         self.failures = Counter(f"{PREFIX}_inference_failures", "executions onnxruntime failed", ["model"], registry=r)
         self.model_ready = Gauge(f"{PREFIX}_model_ready", "1 when the model is loaded and warmed up", ["model", "version"], registry=r)
@@ -86,5 +93,7 @@ class ModelMetrics:
         self.queue_depth = metrics.queue_depth.labels(model)
         self.rejected_full = metrics.rejected.labels(model, "queue_full")
         self.rejected_closed = metrics.rejected.labels(model, "shutting_down")
+        self.rejected_deadline = metrics.rejected.labels(model, "expected_wait")
+        self.wasted_rows = metrics.wasted_rows.labels(model)
         self.expired = metrics.expired.labels(model)
         self.failures = metrics.failures.labels(model)

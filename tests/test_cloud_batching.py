@@ -53,6 +53,9 @@ def make(fake: Recorder, **kwargs) -> tuple[DynamicBatcher, ServiceMetrics]:
     metrics = ServiceMetrics()
     kwargs.setdefault("max_batch_size", 32)
     kwargs.setdefault("max_queue_delay_s", 0.05)
+    # These tests pin the max_queue_delay machinery (Triton's policy, still selectable); dispatch
+    # when idle, admission and splitting are covered in tests/test_admission.py.
+    kwargs.setdefault("dispatch_when_idle", False)
     return DynamicBatcher(fake, metrics=metrics.model("m"), name="m", **kwargs), metrics
 
 
@@ -100,11 +103,27 @@ def test_full_batch_dispatches_without_waiting_for_the_delay():
     assert fake.calls == [4, 4, 2]
 
 
-def test_request_larger_than_max_batch_runs_alone():
+def test_request_larger_than_max_batch_is_split_into_full_chunks_and_reassembled():
     fake = Recorder()
 
     async def main():
         b, _ = make(fake, max_batch_size=4, max_queue_delay_s=0.0)
+        b.start()
+        out = await b.submit(rows(9))
+        await b.stop()
+        return out
+
+    doubled, sums = run(main())
+    assert sorted(fake.calls) == [1, 4, 4]
+    np.testing.assert_array_equal(doubled, rows(9) * 2)
+    np.testing.assert_array_equal(sums, rows(9).ravel())
+
+
+def test_unbatched_never_splits():
+    fake = Recorder()
+
+    async def main():
+        b = unbatched(fake)
         b.start()
         out = await b.submit(rows(9))
         await b.stop()
