@@ -8,8 +8,9 @@
      ├── InferenceError            onnxruntime failed while running a loaded model
      └── InputError (ValueError)   an input the preprocessing refuses
           ├── ImageDecodeError     not an image, empty, truncated, undecodable
-          ├── ImageTooLarge        pixel count over the configured limit (checked from the header)
-          └── ArrayInputError      wrong rank / shape / dtype, NaN or inf
+          ├── ImageTooLarge        pixel count or decoded bytes over the configured limit (from the header)
+          └── ArrayInputError      wrong rank / shape / dtype, NaN or inf, float pixels without normalised=True
+     DecodeBusy                    the shared decode-memory budget stayed exhausted for the allowed wait
 
 The router and the cloud service translate these at their own edges
 (router: ``RouterError`` subclasses; service: HTTP 4xx/5xx).
@@ -48,3 +49,7 @@ class ImageTooLarge(InputError):
 
 class ArrayInputError(InputError):
     pass
+
+
+class DecodeBusy(EdgeModelError):
+    """Not an input fault: other decodes hold the shared memory budget; retry shortly (service: 503)."""

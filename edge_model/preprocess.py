@@ -11,7 +11,16 @@ Accepted inputs (``Image`` below):
 * a ``uint8`` numpy array of raw pixels, ``(H, W)`` or ``(H, W, 1|3|4)``; ``(28, 28)`` goes
   straight through without Pillow; ``uint16`` arrays are scaled to 8 bits;
 * a floating-point array that is *already model input* -- normalised, shape ``(28, 28)``,
-  ``(1, 28, 28)`` or ``(1, 1, 28, 28)`` -- passed through after a finiteness check.
+  ``(1, 28, 28)`` or ``(1, 1, 28, 28)`` -- passed through after a finiteness check, but only
+  when the caller says so with ``normalised=True``. Without it a float array is refused
+  (:class:`ArrayInputError`): ``img / 255`` or float pixels in [0, 255] would otherwise be fed
+  to the model silently un-normalised.
+
+Decoding is bounded by memory, not only by pixel count: the decoded size (width x height x
+bytes per pixel, from the header) is checked against a per-image cap and reserved from a
+process-wide :class:`DecodeBudget` shared by concurrent decodes (the service decodes on several
+threads). Large images are shrunk in their integer mode (JPEG ``draft``, ``Image.reduce``)
+before any mode conversion, so no full-size float copy is ever made.
 
 Hostile input raises a subclass of :class:`edge_model.errors.InputError` with a message that
 says what was wrong; the pixel limit is checked from the header before any pixel is decoded,
@@ -20,17 +29,22 @@ so a decompression bomb is refused in milliseconds without a large allocation.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import numbers
 import os
 import struct
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from edge_model.errors import ArrayInputError, ImageDecodeError, ImageTooLarge
+from edge_model.errors import ArrayInputError, DecodeBusy, ImageDecodeError, ImageTooLarge
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray]
 
@@ -68,11 +82,95 @@ class PreprocessConfig:
 DEFAULT_CONFIG = PreprocessConfig()
 
 
-def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """Decode/convert/resize ``image`` to raw ``uint8 [H, W]`` pixels (the UINT8 wire format)."""
+# --------------------------------------------------------------------------- decode memory budget
+
+class DecodeBudget:
+    """Bytes of decoded pixels that concurrent decodes may hold at once (a byte-counting semaphore).
+
+    Written by hand because ``threading.BoundedSemaphore`` counts permits, not sizes: one 100 MB
+    image must wait for room while many 3 KB thumbnails pass. ``per_image`` refuses a single image
+    outright (:class:`ImageTooLarge`); an image that fits but finds the budget in use waits up to
+    ``wait_s`` and then raises :class:`DecodeBusy`. FIFO is not guaranteed (fine for seconds-long waits).
+    """
+
+    def __init__(self, total_bytes: int = 256 * 1024 * 1024, per_image_bytes: int = 128 * 1024 * 1024,
+                 wait_s: float = 10.0) -> None:
+        self._cond = threading.Condition()
+        self.configure(total_bytes, per_image_bytes, wait_s)
+        self.in_use = 0
+        self.peak = 0
+
+    def configure(self, total_bytes: int, per_image_bytes: int, wait_s: float) -> None:
+        if not (0 < per_image_bytes <= total_bytes) or not (wait_s >= 0 and np.isfinite(wait_s)):
+            raise ValueError(f"DecodeBudget needs 0 < per_image_bytes <= total_bytes and a finite wait_s >= 0; "
+                             f"got total={total_bytes!r} per_image={per_image_bytes!r} wait_s={wait_s!r}")
+        with getattr(self, "_cond", threading.Condition()):
+            self.total, self.per_image, self.wait_s = int(total_bytes), int(per_image_bytes), float(wait_s)
+
+    @contextmanager
+    def reserve(self, nbytes: int, what: str = "image"):
+        if nbytes > self.per_image:
+            raise ImageTooLarge(f"{what} decodes to {nbytes} bytes, over the limit of {self.per_image} bytes per image")
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self.in_use + nbytes > self.total:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DecodeBusy(f"too many large images are being decoded at once ({self.in_use} of {self.total} "
+                                     f"bytes in use); retry shortly")
+                self._cond.wait(remaining)
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                idle = self.in_use == 0
+                self._cond.notify_all()
+            if idle and nbytes >= _TRIM_AFTER_BYTES:
+                _malloc_trim()
+
+
+DECODE_BUDGET = DecodeBudget()
+_TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: float = 10.0) -> None:
+    """Size the process-wide :data:`DECODE_BUDGET` (the cloud service does this from its settings)."""
+    DECODE_BUDGET.configure(total_bytes, per_image_bytes, wait_s)
+
+
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _malloc_trim() -> None:
+    # Pillow's 16 MB image blocks come from malloc and glibc keeps freed arena memory: without
+    # this a service's RSS stays hundreds of MB above baseline after one burst of large decodes.
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
+    """Decode/convert/resize ``image`` to raw ``uint8 [H, W]`` pixels (the UINT8 wire format).
+
+    A float array has no pixel form: with ``normalised=True`` it is model input (use
+    :func:`preprocess`), without it the float-pixel error of :func:`preprocess` is raised.
+    """
     if isinstance(image, np.ndarray):
         if np.issubdtype(image.dtype, np.floating):
-            raise ArrayInputError("a float array is taken as normalised model input, not as pixels; pass uint8 pixels")
+            if normalised:
+                raise ArrayInputError("a normalised float array is model input and has no pixel form; "
+                                      "use preprocess(..., normalised=True), or pass uint8 pixels")
+            raise ArrayInputError(_float_pixels_message(image))
         return _array_pixels(image, config)
     # A caller's PIL image is never draft()-ed: that would shrink the caller's own object.
     return _image_pixels(_open(image, config), config, reduce=not isinstance(image, Image.Image))
@@ -87,25 +185,43 @@ def normalise(pixels: np.ndarray, config: PreprocessConfig = DEFAULT_CONFIG) -> 
     return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(config.mean)) / np.float32(config.std)
 
 
-def preprocess(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """One image -> ``float32 [1, H, W]`` model input."""
+def preprocess(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
+    """One image -> ``float32 [1, H, W]`` model input.
+
+    ``normalised=True`` declares a float array to be model-ready already (shape and finiteness
+    are still checked); without it float arrays are refused. It does not affect other inputs.
+    """
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        if not normalised:
+            raise ArrayInputError(_float_pixels_message(image))
         return _float_input(image, config)
     return normalise(to_pixels(image, config), config)[None]
 
 
-def preprocess_batch(images, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
+def preprocess_batch(images, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
     """A sequence of images -> ``float32 [N, 1, H, W]``; errors name the failing index."""
     out = np.empty((len(images), 1, config.height, config.width), dtype=np.float32)
     for i, image in enumerate(images):
         try:
-            out[i] = preprocess(image, config)
+            out[i] = preprocess(image, config, normalised=normalised)
         except (ArrayInputError, ImageDecodeError, ImageTooLarge) as exc:
             raise type(exc)(f"image {i}: {exc}") from exc
     return out
 
 
 # --------------------------------------------------------------------------- arrays
+
+def _float_pixels_message(arr: np.ndarray) -> str:
+    lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.size and not np.isnan(arr).all() else (0.0, 0.0)
+    if lo >= 0 and hi <= 1:
+        seen = "values in [0, 1] look like pixels scaled by 1/255, not normalised model input"
+    elif lo >= 0 and hi <= 255:
+        seen = "values in [0, 255] look like float pixels, not normalised model input"
+    else:
+        seen = "a float array is only taken as normalised model input when the caller says so"
+    return (f"{seen}: pass uint8 pixels (e.g. (img*255).astype(np.uint8)) "
+            f"or normalised=True for model-ready input")
+
 
 def _float_input(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     h, w = config.height, config.width
@@ -214,7 +330,51 @@ def _check_size(size: tuple[int, int], config: PreprocessConfig) -> None:
 _VANISHING_LUMINANCE = 40.0
 
 
-def _to_gray(im: Image.Image) -> Image.Image:
+_REDUCING_GAP = 3.0  # shrink in integer mode down to >= 3x the target, as Pillow's resize(reducing_gap=3) does
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decoded_bytes(mode: str, size: tuple[int, int]) -> int:
+    """Bytes Pillow holds for an image of ``mode`` and ``size``, plus what its conversion before shrinking needs.
+
+    Pillow stores 1 byte per pixel for L/P/1, 2 for I;16*, and 4 for every multi-band and 32-bit
+    mode (RGB included). P and I;16 are converted at full size before ``reduce()`` (it does not
+    take them); I and F may be read as 8-byte arrays when too thin to shrink.
+    """
+    w, h = size
+    if mode in ("L", "1"):
+        per = 1
+    elif mode == "P":
+        per = 1 + 4
+    elif mode.startswith("I;16"):
+        per = 2 + 4 + 8
+    elif mode in ("I", "F"):
+        per = 4 + 8
+    else:
+        per = 4
+    return w * h * per
+
+
+def _shrink(im: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Integer-factor box reduction in the image's own (integer) mode: no full-size float copy."""
+    w, h = im.size
+    factor = int(min(w / target[0], h / target[1]) / _REDUCING_GAP)
+    if factor < 2:
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.reduce(factor)
+
+
+def _to_gray(im: Image.Image, source_mode: str | None = None) -> Image.Image:
     """Any Pillow mode -> "L".
 
     Transparency is composited onto black, the training background -- unless the opaque content
@@ -230,15 +390,20 @@ def _to_gray(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         mode = im.mode
     if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        la = np.asarray(im.convert("LA" if mode in ("LA", "La") else "RGBA").convert("LA"), dtype=np.float32)
-        lum, alpha = la[..., 0], la[..., 1] / np.float32(255.0)
-        cover = float(alpha.sum())
-        dark_object = cover > 0 and float((lum * alpha).sum()) / cover < _VANISHING_LUMINANCE
-        bg = np.float32(255.0 if dark_object else 0.0)
-        return Image.fromarray(np.rint(lum * alpha + bg * (1 - alpha)).astype(np.uint8), "L")
+        # uint8/uint16 integer compositing: exact rounding, and 2 bytes per value instead of float32's 4.
+        la = np.asarray(im.convert("LA" if mode in ("LA", "La") else "RGBA").convert("LA"))
+        lum, alpha = la[..., 0].astype(np.uint16), la[..., 1].astype(np.uint16)
+        cover = int(alpha.sum(dtype=np.uint64))
+        weighted = lum * alpha  # <= 255 * 255: fits uint16
+        dark_object = cover > 0 and int(weighted.sum(dtype=np.uint64)) < _VANISHING_LUMINANCE * cover
+        if dark_object:
+            weighted += np.uint16(255) * (np.uint16(255) - alpha)
+        weighted += np.uint16(127)
+        return Image.fromarray((weighted // np.uint16(255)).astype(np.uint8), "L")
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(im, dtype=np.int64)
-        top = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        sixteen = mode.startswith("I;16") or (source_mode or "").startswith("I;16")
+        top = 65535 if sixteen or arr.max(initial=0) > 255 else 255
         return Image.fromarray((np.clip(arr, 0, top) * (255.0 / top)).round().astype(np.uint8), "L")
     if mode == "F":
         arr = np.asarray(im, dtype=np.float64)
@@ -257,10 +422,18 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
         if reduce and im.format == "JPEG":
             # Let libjpeg decode at a reduced scale: a 6000x4000 photo costs ~1/64 of the work.
             im.draft("L" if im.mode == "L" else "RGB", (target[0] * 4, target[1] * 4))
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        gray = _to_gray(im)
-    except ImageDecodeError:
+        source_mode = im.mode
+        # Only images decoded here count against the shared budget: arrays and a caller's PIL
+        # image are already in memory. The reservation lasts until the full-size image is dropped.
+        cost = decoded_bytes(im.mode, im.size) if reduce else 0
+        with DECODE_BUDGET.reserve(cost) if reduce else _nothing():
+            im.load()
+            orientation = im.getexif().get(0x0112)
+            im = _shrink(im, target)  # the caller's image is never altered: reduce() returns a new one
+        if orientation in _EXIF_TRANSPOSE:
+            im = im.transpose(_EXIF_TRANSPOSE[orientation])
+        gray = _to_gray(im, source_mode)
+    except (ImageDecodeError, ImageTooLarge, DecodeBusy):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
@@ -277,6 +450,11 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
     if mode == "always" or (mode == "auto" and _bright_border(pixels)):
         pixels = 255 - pixels
     return pixels
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _fit(gray: Image.Image, target: tuple[int, int]) -> Image.Image:

@@ -130,7 +130,7 @@ def test_preprocess_batch_mixes_kinds(sample, tmp_path):
     inputs = _inputs(sample, tmp_path)
     batch = [inputs[k]() for k in ("bytes", "pathlib", "numpy", "pil-loaded")]
     batch.append(normalise(sample))  # already model input
-    x = preprocess_batch(batch)
+    x = preprocess_batch(batch, normalised=True)
     assert x.shape == (5, 1, 28, 28) and x.dtype == np.float32
     for row in x:
         np.testing.assert_array_equal(row[0], normalise(sample))
@@ -391,7 +391,7 @@ def test_bright_background_is_inverted(sample):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_float_model_input_passes_through(shape, dtype, sample):
     x = normalise(sample).astype(dtype).reshape(shape)
-    out = preprocess(x)
+    out = preprocess(x, normalised=True)
     assert out.shape == (1, 28, 28) and out.dtype == np.float32
     np.testing.assert_array_equal(out[0], x.reshape(28, 28).astype(np.float32))
     out[0, 0, 0] = 123.0
@@ -569,11 +569,37 @@ def test_unsupported_types(value):
 )
 def test_bad_arrays(arr, match):
     with pytest.raises(ArrayInputError, match=match):
-        preprocess(arr)
+        preprocess(arr, normalised=True)
+
+
+FLOAT_HINT = r"pass uint8 pixels \(e\.g\. \(img\*255\)\.astype\(np\.uint8\)\) or normalised=True for model-ready input"
+
+
+@pytest.mark.parametrize("scale, seen", [(1 / 255, r"\[0, 1\]"), (1.0, r"\[0, 255\]")], ids=["unit", "byte-range"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_pixels_without_normalised_are_refused(scale, seen, dtype, sample):
+    arr = (sample.astype(np.float64) * scale).astype(dtype)
+    for call in (preprocess, to_pixels, lambda a: preprocess_batch([a])):
+        with pytest.raises(ArrayInputError, match=seen + ".*" + FLOAT_HINT):
+            call(arr)
+
+
+def test_normalised_float_without_the_flag_is_refused_too(sample):
+    # Model-ready only when the caller says so: a normalised array without the flag is refused as well.
+    with pytest.raises(ArrayInputError, match=FLOAT_HINT):
+        preprocess(normalise(sample))
+
+
+def test_normalised_flag_leaves_uint8_and_encoded_inputs_alone(sample):
+    png = encode(Image.fromarray(sample), "PNG")
+    for image in (sample, png):
+        np.testing.assert_array_equal(preprocess(image, normalised=True), preprocess(image))
 
 
 def test_float_array_is_not_pixels(sample):
-    with pytest.raises(ArrayInputError, match="float array is taken as normalised model input"):
+    with pytest.raises(ArrayInputError, match="no pixel form"):
+        to_pixels(sample.astype(np.float32), normalised=True)
+    with pytest.raises(ArrayInputError, match=FLOAT_HINT):
         to_pixels(sample.astype(np.float32))
 
 
@@ -598,3 +624,97 @@ def test_errors_are_value_errors_too():
 def test_config_is_validated(kwargs, field):
     with pytest.raises(ValueError, match=f"PreprocessConfig.{field}"):
         PreprocessConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- decode memory budget
+
+def rgba_png(width: int, height: int) -> bytes:
+    """A large, highly compressible RGBA PNG (a grey square on transparency), built row by row."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" + bytes([200, 200, 200, 255]) * width
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def test_decoded_bytes_follow_pillow_storage():
+    from edge_model.preprocess import decoded_bytes
+
+    assert decoded_bytes("L", (100, 10)) == 1000
+    assert decoded_bytes("RGBA", (100, 10)) == decoded_bytes("RGB", (100, 10)) == 4000
+    assert decoded_bytes("P", (100, 10)) == 5000  # converted to RGB(A) before it can be reduced
+
+
+def test_budget_refuses_one_image_over_the_per_image_cap():
+    from edge_model.preprocess import DecodeBudget
+
+    budget = DecodeBudget(total_bytes=1000, per_image_bytes=100, wait_s=0)
+    with pytest.raises(ImageTooLarge, match="decodes to 101 bytes, over the limit of 100 bytes per image"):
+        with budget.reserve(101):
+            pass
+
+
+def test_budget_is_shared_and_released():
+    import threading
+
+    from edge_model.errors import DecodeBusy
+    from edge_model.preprocess import DecodeBudget
+
+    budget = DecodeBudget(total_bytes=100, per_image_bytes=80, wait_s=0)
+    with budget.reserve(80):
+        with pytest.raises(DecodeBusy, match="retry shortly"):
+            with budget.reserve(30):
+                pass
+    assert budget.in_use == 0
+    # A waiter gets in as soon as the holder releases (bounded wait, no fixed sleep).
+    budget.configure(100, 80, wait_s=30)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def holder():
+        with budget.reserve(80):
+            entered.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(30)
+    release.set()
+    with budget.reserve(50):
+        assert budget.in_use == 50
+    t.join(30)
+    assert budget.in_use == 0 and budget.peak == 80
+
+
+def test_budget_exhausted_by_a_decode_raises_decode_busy():
+    from edge_model.errors import DecodeBusy
+    from edge_model.preprocess import DECODE_BUDGET, configure_decode_budget
+
+    old = (DECODE_BUDGET.total, DECODE_BUDGET.per_image, DECODE_BUDGET.wait_s)
+    png = rgba_png(300, 300)  # 360 kB decoded
+    try:
+        configure_decode_budget(400_000, 400_000, wait_s=0)
+        with DECODE_BUDGET.reserve(100_000):
+            with pytest.raises(DecodeBusy):
+                to_pixels(png)
+        assert to_pixels(png).shape == (28, 28)
+        configure_decode_budget(400_000, 300_000, wait_s=0)
+        with pytest.raises(ImageTooLarge, match="per image"):
+            to_pixels(png)
+    finally:
+        configure_decode_budget(*old)
+
+
+def test_large_rgba_png_is_shrunk_before_any_float_copy():
+    """A 2000x2000 RGBA decodes to 16 MB in Pillow; numpy (traced) must only see the reduced image."""
+    png = rgba_png(2000, 2000)
+    to_pixels(gray_png(1, 1, zlib.compress(b"\x00\x00")))
+    tracemalloc.start()
+    try:
+        pixels = to_pixels(png)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, f"peak numpy/Python allocation {peak / 1e6:.1f} MB"
+    # Opaque grey 200 fills the frame: a bright border, so "auto" inverts it to a uniform 55.
+    assert pixels.shape == (28, 28) and set(np.unique(pixels).tolist()) == {55}
