@@ -13,14 +13,29 @@ conforming v2 server -- ours, Triton, KServe, MLServer:
   timeouts are per phase, so they alone could add up past the deadline);
 * translates httpx errors and HTTP statuses into the :mod:`router.errors` tree where they enter.
 
-``trust_env=False``: proxy variables in the environment must not reroute requests; the router
-talks only to the endpoints its policy names.
+* validates every answer against what is possible: the edge's class count, probabilities in
+  [0, 1] summing to 1, log-probabilities <= 0, finite logits -- anything else is a
+  :class:`CloudProtocolError` (a failure for the breaker), never an answer;
+* reads bodies as a stream under a size cap derived from the expected output (or the endpoint's
+  ``max_response_bytes``), so an oversized answer costs neither memory nor the deadline.
+
+Trust comes from the policy only. ``trust_env=False`` and an explicit ``ssl.SSLContext`` per
+(verify, CA bundle): proxy variables, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` change nothing (httpx
+and OpenSSL's default paths read those when given ``verify=True``; certifi's bundle does not).
+Pooled clients are keyed by everything that decides trust (scheme, host, verify, CA bundle and
+its file stamp), so a policy reload from http to https, or to another bundle, gets a new client
+built with the same guarantees. An API key never goes over plain http to a non-loopback host
+(refused at policy load, and checked again here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
+import os
+import ssl
 import time
 import weakref
 from dataclasses import dataclass
@@ -43,16 +58,34 @@ from router.decision import CloudCall, CloudReply
 from router.errors import (
     CloudAuthError,
     CloudError,
+    CloudGatewayError,
+    CloudOverloaded,
     CloudProtocolError,
     CloudRejected,
     CloudServerError,
     CloudTimeout,
+    CloudTLSError,
     CloudUnavailable,
 )
 from router.health import EndpointState
-from router.policy import CloudSettings, Endpoint
+from router.policy import CloudSettings, Endpoint, is_loopback_url
 
-RETRYABLE_STATUS = {502, 503, 504}
+log = logging.getLogger("router.cloud")
+
+OVERLOADED_STATUS = {429, 503}
+GATEWAY_STATUS = {502, 504}
+# Response caps: JSON spends at most ~32 bytes on one float ("-1.2345678901234567e-05, "), plus
+# room for names, shapes and the id. Unknown class count (a tool that did not say): assume many.
+BYTES_PER_VALUE = 32
+RESPONSE_SLACK = 16 * 1024
+MIN_RESPONSE_CAP = 64 * 1024
+CLASSES_IF_UNKNOWN = 1000
+METADATA_CAP = 1024 * 1024
+ERROR_BODY_CAP = 64 * 1024  # an error body is only read for its message
+# A probability row may miss 1 by float32 rounding of JSON decimals (and servers that round to
+# 4-6 digits); anything beyond this is not a distribution.
+PROB_SUM_TOL = 1e-3
+PROB_RANGE_TOL = 1e-6
 # Our service also takes raw UINT8 pixels for its FP32 input; it says so in the model metadata.
 UINT8_PARAMETER = "accepts_uint8_pixels"
 
@@ -111,7 +144,19 @@ def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def parse_infer_response(content: bytes, endpoint: Endpoint, rows: int) -> tuple[np.ndarray, str]:
+def response_cap(endpoint: Endpoint, rows: int, classes: Optional[int]) -> int:
+    """Largest inference response body read from ``endpoint`` for ``rows`` rows of ``classes``."""
+    if endpoint.max_response_bytes:
+        return endpoint.max_response_bytes
+    return max(MIN_RESPONSE_CAP, rows * (classes or CLASSES_IF_UNKNOWN) * BYTES_PER_VALUE + RESPONSE_SLACK)
+
+
+def parse_infer_response(content: bytes, endpoint: Endpoint, rows: int,
+                         classes: Optional[int] = None) -> tuple[np.ndarray, str]:
+    """The probabilities ``[rows, classes]`` in a v2 response, checked to be possible.
+
+    ``classes``: the edge's label count, when known; a different count is refused (an answer
+    must never name a label the device does not have)."""
     try:
         resp = InferenceResponse.model_validate_json(content)
     except ValidationError as exc:
@@ -126,11 +171,34 @@ def parse_infer_response(content: bytes, endpoint: Endpoint, rows: int) -> tuple
         raise CloudProtocolError(str(exc), endpoint=endpoint.label) from None
     if arr.ndim != 2 or arr.shape[0] != rows:
         raise CloudProtocolError(f"output shape {list(arr.shape)} does not match {rows} rows", endpoint=endpoint.label)
+    return check_output(arr, endpoint, classes), resp.model_version or ""
+
+
+def check_output(arr: np.ndarray, endpoint: Endpoint, classes: Optional[int] = None) -> np.ndarray:
+    """``arr`` ([rows, C], as the server sent it) as probabilities, or CloudProtocolError when it
+    cannot be an answer of the endpoint's ``output_kind`` over ``classes`` labels."""
+    label = endpoint.label
+    if arr.shape[1] == 0 or (classes is not None and arr.shape[1] != classes):
+        raise CloudProtocolError(f"{label}: answer has {arr.shape[1]} classes, the edge model has {classes}",
+                                 endpoint=label)
     if not np.isfinite(arr).all():
-        raise CloudProtocolError("output contains NaN or infinite values", endpoint=endpoint.label)
-    if endpoint.output_kind == "logits":
-        arr = calibrated_softmax(arr)
-    return arr, resp.model_version or ""
+        raise CloudProtocolError(f"{label}: output contains NaN or infinite values", endpoint=label)
+    kind = endpoint.output_kind
+    if kind == "logits":
+        return calibrated_softmax(arr)
+    if kind == "log_probabilities":
+        if arr.max() > PROB_RANGE_TOL:
+            raise CloudProtocolError(f"{label}: log-probabilities must be <= 0 (got {float(arr.max()):.4g})",
+                                     endpoint=label)
+        arr = np.exp(arr)
+    elif arr.min() < -PROB_RANGE_TOL or arr.max() > 1 + PROB_RANGE_TOL:
+        raise CloudProtocolError(f"{label}: probabilities must lie in [0, 1] (got {float(arr.min()):.4g}.."
+                                 f"{float(arr.max()):.4g})", endpoint=label)
+    sums = arr.sum(axis=1, dtype=np.float64)
+    worst = float(np.abs(sums - 1.0).max())
+    if worst > PROB_SUM_TOL:
+        raise CloudProtocolError(f"{label}: probability rows must sum to 1 (off by {worst:.4g})", endpoint=label)
+    return arr
 
 
 def error_from_status(status: int, headers: httpx.Headers, content: bytes, endpoint: Endpoint) -> CloudError:
@@ -138,8 +206,10 @@ def error_from_status(status: int, headers: httpx.Headers, content: bytes, endpo
     text = f"HTTP {status} from {endpoint.label}" + (f": {msg}" if msg else "")
     if status in (401, 403):
         return CloudAuthError(text, endpoint=endpoint.label, status=status)
-    if status in RETRYABLE_STATUS:
-        return CloudUnavailable(text, endpoint=endpoint.label, status=status, retry_after=_retry_after(headers))
+    if status in OVERLOADED_STATUS:
+        return CloudOverloaded(text, endpoint=endpoint.label, status=status, retry_after=_retry_after(headers))
+    if status in GATEWAY_STATUS:
+        return CloudGatewayError(text, endpoint=endpoint.label, status=status, retry_after=_retry_after(headers))
     if 400 <= status < 500:
         return CloudRejected(text, endpoint=endpoint.label, status=status)
     return CloudServerError(text, endpoint=endpoint.label, status=status)
@@ -148,14 +218,50 @@ def error_from_status(status: int, headers: httpx.Headers, content: bytes, endpo
 def translate(exc: BaseException, endpoint: Endpoint) -> CloudError:
     """httpx / asyncio exceptions -> the router's tree."""
     label = endpoint.label
+    if isinstance(exc, CloudError):
+        return exc
     if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
         return CloudTimeout(f"{label}: timed out ({type(exc).__name__})", endpoint=label)
+    tls = _tls_cause(exc)
+    if tls is not None:
+        return CloudTLSError(f"{label}: TLS handshake failed: {tls}", endpoint=label)
     if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
                         httpx.CloseError, OSError)):
         return CloudUnavailable(f"{label}: {type(exc).__name__}: {exc or 'connection failed'}", endpoint=label)
     if isinstance(exc, httpx.HTTPError):
         return CloudUnavailable(f"{label}: {type(exc).__name__}: {exc}", endpoint=label)
     return CloudError(f"{label}: unexpected {type(exc).__name__}: {exc}", endpoint=label)
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind an httpx/httpcore error (they chain it as the cause), if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _key_may_travel(url: str, allow_insecure_http: bool) -> bool:
+    return url.startswith("https://") or allow_insecure_http or is_loopback_url(url)
+
+
+def request_headers(endpoint: Endpoint) -> dict[str, str]:
+    """Headers of every request to ``endpoint``: JSON, no compression (a compressed body could
+    expand past the size cap within one chunk), and the Bearer key when the policy names one --
+    never over plain http to another host (the policy refuses that at load; this is the backstop)."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    key = endpoint.api_key()
+    if key:
+        if not _key_may_travel(endpoint.url, endpoint.allow_insecure_http):
+            raise CloudAuthError(f"{endpoint.label}: refusing to send the API key over plain http to a "
+                                 "non-loopback host; use https:// or set allow_insecure_http: true",
+                                 endpoint=endpoint.label)
+        headers["authorization"] = f"Bearer {key}"
+    return headers
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -194,74 +300,162 @@ def _preload_async_stack() -> None:
     import httpcore._backends.anyio  # noqa: F401
 
 
-class CloudClient:
-    """Async v2 client over all endpoints of a policy. One pooled ``httpx.AsyncClient`` per event
-    loop (the router's own I/O thread, and any loop that calls ``apredict``)."""
+def _ca_stamp(path: Optional[str]) -> tuple:
+    """Identifies the bundle's contents cheaply: a reload after the file changed rebuilds trust."""
+    if path is None:
+        return ()
+    try:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return ("missing",)
 
-    def __init__(self, settings: CloudSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+
+def make_ssl_context(verify: bool = True, ca_bundle: Optional[str] = None) -> ssl.SSLContext:
+    """The TLS context for one (verify, CA bundle) pair, from the policy alone.
+
+    ``ssl.create_default_context()`` without a ``cafile`` would load OpenSSL's default paths,
+    which honour ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` from the environment; so the bundle is
+    always named: the endpoint's ``ca_bundle``, else certifi's (what httpx itself uses), else
+    the compiled-in system bundle (never the environment's)."""
+    if not verify:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    cafile = ca_bundle
+    if cafile is None:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:  # pragma: no cover -- httpx depends on certifi
+            paths = ssl.get_default_verify_paths()
+            return ssl.create_default_context(cafile=paths.openssl_cafile, capath=paths.openssl_capath)
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _trust_nothing() -> ssl.SSLContext:
+    """For plain-http clients: verification on, no CA loaded (cheap), so a client keyed to an
+    http host fails closed if TLS ever happened on it."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+class CloudClient:
+    """Async v2 client over all endpoints of a policy. Pooled ``httpx.AsyncClient`` s per event
+    loop (the router's own I/O thread, and any loop that calls ``apredict``) and per trust key.
+
+    ``classes``: the edge model's label count; answers with another count are refused."""
+
+    def __init__(self, settings: CloudSettings, transport: httpx.AsyncBaseTransport | None = None,
+                 *, classes: Optional[int] = None) -> None:
         self.settings = settings
+        self.classes = classes
         self._transport = transport
-        self._ssl = None
+        self._contexts: dict[tuple, ssl.SSLContext] = {}
+        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]]" = \
+            weakref.WeakKeyDictionary()
         self.prepare(settings)
-        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = weakref.WeakKeyDictionary()
 
     def prepare(self, settings: CloudSettings) -> None:
-        """Adopt (new) settings. Building a verifying SSL context loads the CA bundle -- hundreds of
-        milliseconds on a busy machine -- so it happens here, off every request's path, and only
-        when an endpoint is https."""
+        """Adopt (new) settings. Building a verifying SSL context loads a CA bundle -- hundreds of
+        milliseconds on a busy machine -- so it happens here, off every request's path, for each
+        https endpoint's (verify, bundle) pair."""
         self.settings = settings
         if settings.endpoints:
             _preload_async_stack()
-        if self._ssl is None and any(ep.url.startswith("https://") for ep in settings.endpoints):
-            import ssl
+        for ep in settings.endpoints:
+            if not ep.url.startswith("https://"):
+                continue
+            if not ep.tls_verify:
+                log.warning("TLS VERIFICATION IS OFF for cloud endpoint %r (%s): any server can impersonate it "
+                            "and read its API key; set tls_verify: true (and ca_bundle) outside tests",
+                            ep.label, ep.url)
+            self._context(ep.tls_verify, ep.ca_bundle, _ca_stamp(ep.ca_bundle))
 
-            self._ssl = ssl.create_default_context()
+    def _context(self, verify: bool, ca_bundle: Optional[str], stamp: tuple) -> ssl.SSLContext:
+        key = (verify, ca_bundle, stamp)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = make_ssl_context(verify, ca_bundle)
+        return ctx
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, ep: Endpoint) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
+        per_loop = self._clients.get(loop)
+        if per_loop is None:
+            per_loop = self._clients[loop] = {}
+        s = self.settings
+        https = ep.url.startswith("https://")
+        stamp = _ca_stamp(ep.ca_bundle) if https and ep.ca_bundle else ()
+        # Everything that decides whom this client trusts or how it connects; the host too, so a
+        # client built for one endpoint never carries another's requests.
+        key = (ep.url.split("/", 3)[2], https, https and ep.tls_verify, ep.ca_bundle if https else None, stamp,
+               s.connect_timeout_ms, s.per_try_timeout_ms, s.max_connections)
+        client = per_loop.get(key)
         if client is None or client.is_closed:
-            s = self.settings
+            verify = self._context(ep.tls_verify, ep.ca_bundle, stamp) if https else _trust_nothing()
             client = httpx.AsyncClient(
                 timeout=httpx.Timeout(s.per_try_timeout_ms / 1000.0, connect=s.connect_timeout_ms / 1000.0),
                 limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
                 transport=self._transport,
-                verify=self._ssl if self._ssl is not None else False,  # False: no https endpoint, no TLS at all
+                verify=verify,
                 trust_env=False,
                 follow_redirects=False,
             )
-            self._clients[loop] = client
+            per_loop[key] = client
         return client
 
     @staticmethod
     def _headers(endpoint: Endpoint) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        key = endpoint.api_key()
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        return headers
+        return request_headers(endpoint)
+
+    async def _exchange(self, ep: Endpoint, method: str, url: str, cap: int, timeout_s: float,
+                        **kwargs) -> tuple[int, httpx.Headers, bytes]:
+        """One request; the body is streamed and reading stops past ``cap`` bytes (a 200 over the
+        cap is a CloudProtocolError; an error body is just cut: only its message is wanted)."""
+        async with self._client(ep).stream(method, url, headers=request_headers(ep), timeout=timeout_s,
+                                           **kwargs) as r:
+            ok = r.status_code == 200
+            limit = cap if ok else min(cap, ERROR_BODY_CAP)
+            declared = r.headers.get("content-length")
+            if ok and declared is not None and declared.isdigit() and int(declared) > limit:
+                raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
+                                         "(max_response_bytes)", endpoint=ep.label)
+            buf = bytearray()
+            async for chunk in r.aiter_bytes():
+                buf += chunk
+                if len(buf) > limit:
+                    if ok:
+                        raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap "
+                                                 "(max_response_bytes)", endpoint=ep.label)
+                    del buf[limit:]
+                    break
+            return r.status_code, r.headers, bytes(buf)
 
     async def fetch_metadata(self, state: EndpointState, timeout_s: float) -> ModelInfo:
         ep = state.endpoint
         try:
             async with asyncio.timeout(timeout_s):
-                r = await self._client().get(
-                    ep.url + model_path(ep.model, ep.version), headers=self._headers(ep), timeout=timeout_s
-                )
+                status, headers, content = await self._exchange(
+                    ep, "GET", ep.url + model_path(ep.model, ep.version), max(METADATA_CAP, ep.max_response_bytes or 0),
+                    timeout_s)
         except Exception as exc:  # noqa: BLE001 -- translated right here
             raise translate(exc, ep) from exc
-        if r.status_code != 200:
-            raise error_from_status(r.status_code, r.headers, r.content, ep)
-        state.meta = parse_metadata(r.content, ep)
+        if status != 200:
+            raise error_from_status(status, headers, content, ep)
+        state.meta = parse_metadata(content, ep)
         return state.meta
 
     async def ready(self, state: EndpointState, timeout_s: float) -> bool:
-        """``GET /v2/health/ready`` judged by status code only, as the protocol advises."""
+        """``GET /v2/health/ready`` judged by status code only, as the protocol advises (the body
+        is not read)."""
         ep = state.endpoint
         try:
             async with asyncio.timeout(timeout_s):
-                r = await self._client().get(ep.url + "/v2/health/ready", timeout=timeout_s)
-            return r.status_code == 200
+                async with self._client(ep).stream("GET", ep.url + "/v2/health/ready", timeout=timeout_s,
+                                                   headers={"accept-encoding": "identity"}) as r:
+                    return r.status_code == 200
         except Exception:  # noqa: BLE001 -- any failure means "not ready"
             return False
 
@@ -270,15 +464,16 @@ class CloudClient:
         Rows beyond the endpoint's ``max_batch_size`` go as concurrent requests of that size."""
         ep = call.state.endpoint
         t0 = time.monotonic()
+        timeout_s = call.remaining_s() if hasattr(call, "remaining_s") else call.timeout_s
         try:
-            async with asyncio.timeout(call.timeout_s):
-                info = call.state.meta or await self.fetch_metadata(call.state, call.timeout_s)
+            async with asyncio.timeout(timeout_s):
+                info = call.state.meta or await self.fetch_metadata(call.state, timeout_s)
                 t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
                 size = ep.max_batch_size or len(call.x)
                 parts = await asyncio.gather(*(
                     self._post(info, ep, call.x[i:i + size], None if call.pixels is None else call.pixels[i:i + size],
                                call.budget_s, call.request_id if size >= len(call.x) else f"{call.request_id}.{i // size}",
-                               call.timeout_s)
+                               timeout_s)
                     for i in range(0, len(call.x), size)
                 ))
             probs = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
@@ -294,16 +489,21 @@ class CloudClient:
     async def _post(self, info: ModelInfo, ep: Endpoint, x, pixels, budget_s: float, request_id: str,
                     timeout_s: float) -> tuple[np.ndarray, str, int]:
         body = build_infer_body(info, ep, x, pixels, budget_s, request_id)
-        r = await self._client().post(
-            ep.url + model_path(ep.model, ep.version) + "/infer",
-            content=body, headers=self._headers(ep), timeout=timeout_s,
+        status, headers, content = await self._exchange(
+            ep, "POST", ep.url + model_path(ep.model, ep.version) + "/infer",
+            response_cap(ep, len(x), self.classes), timeout_s, content=body,
         )
-        if r.status_code != 200:
-            raise error_from_status(r.status_code, r.headers, r.content, ep)
-        probs, version = parse_infer_response(r.content, ep, len(x))
+        if status != 200:
+            raise error_from_status(status, headers, content, ep)
+        probs, version = parse_infer_response(content, ep, len(x), self.classes)
         return probs, version, len(body)
 
     async def aclose(self) -> None:
-        for client in list(self._clients.values()):
-            await client.aclose()
+        """Close this loop's clients (and any other loop's that is already gone)."""
+        for per_loop in list(self._clients.values()):
+            for client in list(per_loop.values()):
+                try:
+                    await client.aclose()
+                except RuntimeError:  # a client bound to another, closed loop
+                    pass
         self._clients.clear()
