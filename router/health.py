@@ -11,6 +11,7 @@ All objects here are thread-safe and do no I/O.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
@@ -32,11 +33,18 @@ class BreakerState(str, Enum):
 
 class CircuitBreaker:
     """closed -> open (N consecutive failures, or failure rate over a window) -> half-open after
-    ``open_duration_s`` -> closed on a successful trial call, open again on a failed one."""
+    ``open_duration_s`` -> closed on a successful trial call, open again on a failed one.
 
-    def __init__(self, settings: BreakerSettings, clock: Clock = time.monotonic) -> None:
+    Each open period is jittered, ``open_duration_s x uniform(1 - open_jitter, 1 + open_jitter)``
+    from ``rng``: a fixed period would phase-lock with a periodic fault (every trial landing in
+    the bad phase) and make a fleet of devices probe a recovering server in lockstep."""
+
+    def __init__(self, settings: BreakerSettings, clock: Clock = time.monotonic,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
         self._clock = clock
+        self._rng = rng or random.Random()
+        self._open_for = settings.open_duration_s
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._consecutive = 0
@@ -51,7 +59,7 @@ class CircuitBreaker:
             return self._current()
 
     def _current(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.settings.open_duration_s:
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._open_for:
             self._state = BreakerState.HALF_OPEN
             self._trials = 0
         return self._state
@@ -95,7 +103,14 @@ class CircuitBreaker:
             ):
                 self._state = BreakerState.OPEN
                 self._opened_at = self._clock()
+                j = self.settings.open_jitter
+                self._open_for = self.settings.open_duration_s * (self._rng.uniform(1.0 - j, 1.0 + j) if j else 1.0)
                 self.opened_count += 1
+
+    @property
+    def open_for_s(self) -> float:
+        """Length of the current (or last) open period, jitter included."""
+        return self._open_for
 
     def release(self) -> None:
         """Give back a half-open trial slot that was acquired but never used for a call."""
@@ -168,10 +183,11 @@ class EndpointState:
     fills it on connect or on the first escalation.
     """
 
-    def __init__(self, endpoint, cloud_settings, clock: Clock = time.monotonic) -> None:
+    def __init__(self, endpoint, cloud_settings, clock: Clock = time.monotonic,
+                 rng: random.Random | None = None) -> None:
         self.endpoint = endpoint
         self.key = endpoint.key
-        self.breaker = CircuitBreaker(cloud_settings.breaker, clock)
+        self.breaker = CircuitBreaker(cloud_settings.breaker, clock, rng)
         self.latency = LatencyEstimator(
             endpoint.initial_latency_ms / 1000.0, cloud_settings.latency_window, cloud_settings.latency_quantile,
             cloud_settings.latency_max_age_s, clock,

@@ -50,6 +50,9 @@ class BreakerSettings(_Strict):
     window: int = Field(20, ge=2, description="recent calls the failure rate is measured on")
     min_calls: int = Field(10, ge=1, description="calls in the window before the rate may open the breaker")
     open_duration_s: float = Field(5.0, gt=0)
+    open_jitter: float = Field(0.2, ge=0, lt=1, description="each open period lasts open_duration_s x "
+                                                            "uniform(1 - j, 1 + j): breakers do not phase-lock "
+                                                            "with a periodic fault or with each other")
     half_open_max_calls: int = Field(1, ge=1, description="trial calls let through while half-open")
 
 
@@ -151,6 +154,7 @@ class EdgeSettings(_Strict):
     manifest: Optional[str] = Field(None, description="edge model manifest; default: the shipped INT8 model")
     intra_op_threads: int = Field(1, ge=1)
     max_pixels: int = Field(25_000_000, ge=1)
+    required: bool = Field(False, description="refuse to construct a router whose edge model cannot load")
 
 
 class RoutingPolicy(_Strict):
@@ -163,6 +167,8 @@ class RoutingPolicy(_Strict):
     edge: EdgeSettings = EdgeSettings()
     cloud: CloudSettings = CloudSettings()
     decision_log: bool = True
+    decision_log_privacy_details: bool = Field(
+        False, description="log label and confidence of privacy requests too (off: a private answer is not logged)")
     reload_check_interval_s: float = Field(1.0, ge=0, description="0 disables automatic reload on file change")
 
     @field_validator("class_thresholds")
@@ -206,7 +212,9 @@ def _format(exc: ValidationError, source: str) -> str:
 
 def parse_policy(data: object, source: str = "<policy>") -> RoutingPolicy:
     if data is None:
-        data = {}
+        # An empty document is never meant as "all defaults": it is what a reader sees while an
+        # editor rewrites the file in place, and the defaults include privacy off.
+        raise ConfigError(f"{source}: the policy is empty; write at least one setting (e.g. mode: prefer_edge)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the policy must be a mapping, got {type(data).__name__}")
     try:
@@ -224,8 +232,13 @@ def load_policy(path: str | os.PathLike | None = None) -> RoutingPolicy:
         raise ConfigError(f"{path}: policy file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read policy ({exc})") from exc
+    return parse_policy_text(text, str(path))
+
+
+def parse_policy_text(text: str, source: str = "<policy>") -> RoutingPolicy:
+    """A policy from YAML text; an empty (or comments-only) document is a ConfigError."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    return parse_policy(data, str(path))
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    return parse_policy(data, source)

@@ -37,7 +37,7 @@ class Clock:
 
 def test_breaker_opens_after_consecutive_failures_and_half_opens_after_the_wait():
     clock = Clock()
-    b = CircuitBreaker(BreakerSettings(failure_threshold=3, open_duration_s=2.0, half_open_max_calls=1), clock)
+    b = CircuitBreaker(BreakerSettings(failure_threshold=3, open_duration_s=2.0, half_open_max_calls=1, open_jitter=0), clock)
     for _ in range(2):
         b.record_failure()
     assert b.state is BreakerState.CLOSED and b.would_allow()
@@ -54,7 +54,7 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_after_the_wait(
 
 def test_failed_trial_reopens_for_a_full_period():
     clock = Clock()
-    b = CircuitBreaker(BreakerSettings(failure_threshold=1, open_duration_s=1.0), clock)
+    b = CircuitBreaker(BreakerSettings(failure_threshold=1, open_duration_s=1.0, open_jitter=0), clock)
     b.record_failure()
     clock.t = 1.0
     assert b.acquire()
@@ -69,7 +69,7 @@ def test_failed_trial_reopens_for_a_full_period():
 
 def test_released_trial_slot_can_be_taken_again():
     clock = Clock()
-    b = CircuitBreaker(BreakerSettings(failure_threshold=1, open_duration_s=1.0), clock)
+    b = CircuitBreaker(BreakerSettings(failure_threshold=1, open_duration_s=1.0, open_jitter=0), clock)
     b.record_failure()
     clock.t = 1.0
     assert b.acquire() and not b.acquire()
