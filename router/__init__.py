@@ -5,12 +5,13 @@
         p = r.predict(image, deadline_ms=150)
         print(p.label, p.source, p.reason)
 
-See :mod:`router.api` (front-ends), :mod:`router.decision` (the sans-I/O core),
+See :mod:`router.api` (front-ends), :mod:`router.flow` + :mod:`router.rules` (the sans-I/O core),
 :mod:`router.policy` (the YAML schema) and :mod:`router.errors` (the exception tree).
 This package's core imports neither FastAPI nor uvicorn.
 """
 
-from router.api import Router, default_router, predict
+from router._default import default_router, predict
+from router.api import Router
 from router.errors import (
     CircuitOpen,
     CloudAuthError,

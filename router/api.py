@@ -1,19 +1,24 @@
 """``Router``: the one ``predict()`` client apps call -- thin sync and async shells over the
-sans-I/O core in :mod:`router.decision`.
+sans-I/O request flow in :mod:`router.flow`.
 
 * ``predict`` runs the edge inline in the caller's thread; only an escalation hands one attempt
-  to the router's private I/O thread (an asyncio loop with a pooled httpx client).
+  to the router's private I/O thread (:mod:`router._io`, an asyncio loop with a pooled httpx client).
 * ``apredict`` runs preprocessing + edge inference in a worker thread (ONNX never blocks the
   caller's event loop) and awaits cloud attempts on the caller's loop.
-* Constructing a router does no network I/O. Nothing touches the network -- no socket, no DNS,
-  no probe, not even the I/O thread's loop -- before the first request that may escalate, so a
-  router that only ever answers under privacy never opens a socket.
+* Every cloud attempt ends at an absolute point in time fixed by the flow, whoever runs it and
+  however late it starts: a caller never waits past its deadline for the network.
+* Constructing a router creates no socket. With cloud endpoints and privacy off it does the first
+  escalation's one-off work (imports, httpx set-up, worker threads) so that no deadline pays for
+  it; the I/O loop (whose self-pipe is a socket pair) starts with the first request that may
+  escalate. Under ``privacy_mode`` nothing network-related happens at all.
+
+Policy reload (:mod:`router.reload`), the readiness probe (:mod:`router.probe`) and the
+process-wide default router (:mod:`router._default`) live in their own modules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -23,19 +28,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from edge_model.errors import EdgeModelError, InputError
 from edge_model.preprocess import PreprocessConfig, normalise, preprocess, to_pixels
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier, SessionOptions
+from router._io import IOThread
 from router.cloud import CloudClient
-from router.decision import CloudCall, CloudReply, LocalResult, LocalWork, RouteRequest, Sleep, route
+from router.effects import CloudCall, LocalResult, LocalWork, RouteRequest
 from router.errors import CloudTimeout, ConfigError, EdgeError, InvalidInput, RouterError
+from router.flow import route
 from router.health import EndpointState
-from router.policy import DEFAULT_POLICY_PATH, Mode, RoutingPolicy, load_policy
+from router.policy import DEFAULT_POLICY_PATH, CloudSettings, Mode, RoutingPolicy, load_policy
 from router.prediction import Prediction
+from router.probe import probe_loop
+from router.reload import PolicyWatcher, guard_privacy
 from router.telemetry import Telemetry
 
 log = logging.getLogger("router")
@@ -50,74 +59,63 @@ class _Snapshot:
     states: tuple[EndpointState, ...]
 
 
-class _IOThread:
-    """A private asyncio loop in a daemon thread, for the sync API's escalations and the probe."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="router-io", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self, final=None, timeout: float = 2.0) -> None:
-        if final is not None:
-            try:
-                self.submit(final).result(timeout)
-            except Exception:  # noqa: BLE001 -- best effort at shutdown
-                pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
 class Router:
-    """Answers on-device or escalates to the cloud, per request; see the package docstring."""
+    """Answers on-device or escalates to the cloud, per request; see the module docstring.
+
+    ``privacy=True`` (or a ``policy`` object with ``privacy_mode: true``) pins privacy for the
+    router's life: no policy file can lift it. ``policy_path``: the file the policy came from,
+    re-read when it changes (see :mod:`router.reload`)."""
 
     def __init__(
         self,
         policy: RoutingPolicy | None = None,
         *,
         policy_path: str | os.PathLike | None = None,
+        privacy: bool = False,
         edge_model: OnnxClassifier | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport=None,
         rng: random.Random | None = None,
     ) -> None:
         self._policy_path = Path(policy_path) if policy_path else None
-        policy = policy or load_policy(self._policy_path)
+        self._watcher = PolicyWatcher(self._policy_path) if self._policy_path else None
+        self._pinned_privacy = bool(privacy) or (policy is not None and policy.privacy_mode)
+        if policy is None:
+            policy = self._watcher.load() if self._watcher else load_policy(None)
+        elif self._watcher is not None:
+            self._watcher.baseline()
+        if self._pinned_privacy and not policy.privacy_mode:
+            policy = policy.model_copy(update={"privacy_mode": True})
         self._clock = clock
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()
         self._telemetry = Telemetry()
         self._id_prefix, self._ids = os.urandom(4).hex(), itertools.count(1)  # unique per router, cheap per request
         self._edge, self._edge_error = self._load_edge(policy, edge_model, self._policy_path)
+        if self._edge is None and policy.edge.required:
+            raise self._edge_error
         self._labels = self._edge.labels if self._edge else tuple(_default_labels())
         self._edge_version = self._edge.version if self._edge else "unavailable"
         self._pre = self._edge.preprocess_config if self._edge else PreprocessConfig()
         if policy.edge.max_pixels != self._pre.max_pixels:
             self._pre = PreprocessConfig(**{**self._pre.__dict__, "max_pixels": policy.edge.max_pixels})
         self._snap = self._snapshot(policy, {})
-        self._cloud = CloudClient(policy.cloud, transport)
-        self._io: _IOThread | None = None
+        self._io: IOThread | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._probe_started = False
         self._closed = False
-        self._mtime = self._file_mtime()
         self._next_reload_check = clock() + policy.reload_check_interval_s
+        # Under privacy the client gets no endpoints: preparing real ones imports the async stack.
+        self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport)
+        self._warm(policy)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_config(cls, path: str | os.PathLike | None = None, **kwargs) -> "Router":
         path = Path(path or os.environ.get("HYBRID_ROUTER_POLICY") or DEFAULT_POLICY_PATH)
-        return cls(load_policy(path), policy_path=path, **kwargs)
+        return cls(policy_path=path, **kwargs)
 
     @staticmethod
     def _load_edge(policy: RoutingPolicy, given: OnnxClassifier | None, policy_path: Path | None = None):
@@ -129,8 +127,10 @@ class Router:
         try:
             return EdgeModel(manifest, options=SessionOptions(intra_op_threads=policy.edge.intra_op_threads)), None
         except EdgeModelError as exc:
-            # The router still works: requests escalate with reason edge_error.
-            log.warning("edge model unavailable, every request will escalate: %s", exc)
+            # Loud: the router still answers (requests escalate with reason edge_error), but every
+            # answer now costs a round trip and none is possible offline or under privacy.
+            log.error("edge model unavailable, every request will escalate (set edge.required: true to refuse "
+                      "to start instead): %s", exc)
             return None, EdgeError(f"edge model unavailable: {exc}")
 
     def _snapshot(self, policy: RoutingPolicy, old: dict[str, EndpointState]) -> _Snapshot:
@@ -138,6 +138,21 @@ class Router:
         for s, ep in zip(states, policy.cloud.endpoints):
             s.endpoint = ep  # same URL/model/version; other fields (priority, key env) may have changed
         return _Snapshot(policy, policy.thresholds_for(self._labels), states)
+
+    def _warm(self, policy: RoutingPolicy) -> None:
+        """Pay the first escalation's one-off costs now (the async stack's imports, httpx's client
+        and SSL set-up, the worker threads), so they never land inside a request's deadline.
+        Creates no socket (not even the I/O loop's self-pipe: that waits for the first request
+        that may escalate); does nothing under privacy or without endpoints."""
+        if policy.privacy_mode or not policy.cloud.endpoints:
+            return
+        self._cloud.prepare(policy.cloud)
+        import httpx
+
+        httpx.AsyncClient(trust_env=False, verify=False)  # first construction imports and builds httpcore's pool types
+        ex = self._local_executor()
+        for f in [ex.submit(time.sleep, 0) for _ in range(ex._max_workers)]:  # spawn the workers now
+            f.result()
 
     @property
     def policy(self) -> RoutingPolicy:
@@ -150,14 +165,20 @@ class Router:
     # ------------------------------------------------------------------ policy reload
 
     def reload_policy(self, policy: RoutingPolicy | None = None) -> RoutingPolicy:
-        """Swap in a new policy atomically (from ``policy`` or by re-reading the file).
-        Requests in flight finish with the snapshot they started with."""
+        """Swap in a new policy atomically (from ``policy`` or by re-reading the file, waiting
+        for it to be at rest). Requests in flight finish with the snapshot they started with.
+        A policy given here with ``privacy_mode: true`` pins privacy, as at construction."""
+        if policy is None:
+            if self._watcher is None:
+                raise ConfigError("this router was not built from a file; pass the new policy")
+            return self._apply(self._watcher.load(), str(self._policy_path))
+        if policy.privacy_mode:
+            self._pinned_privacy = True
+        return self._apply(policy, "reload_policy()")
+
+    def _apply(self, policy: RoutingPolicy, source: str) -> RoutingPolicy:
         with self._lock:
-            if policy is None:
-                if self._policy_path is None:
-                    raise ConfigError("this router was not built from a file; pass the new policy")
-                policy = load_policy(self._policy_path)
-                self._mtime = self._file_mtime()
+            policy = guard_privacy(self._snap.policy, policy, self._pinned_privacy, source)
             if policy.edge != self._snap.policy.edge:
                 edge, err = self._load_edge(policy, None, self._policy_path)
                 if edge is None:
@@ -165,36 +186,38 @@ class Router:
                 self._edge, self._edge_error = edge, None
                 self._edge_version, self._pre = edge.version, edge.preprocess_config
             self._snap = self._snapshot(policy, {s.key: s for s in self._snap.states})
-            self._cloud.prepare(policy.cloud)
-            log.info("routing policy reloaded (mode=%s threshold=%s)", policy.mode.value, policy.confidence_threshold)
+            if not policy.privacy_mode:
+                self._cloud.prepare(policy.cloud)
+            log.info("routing policy reloaded (mode=%s threshold=%s privacy=%s)", policy.mode.value,
+                     policy.confidence_threshold, policy.privacy_mode)
             return policy
 
-    def _file_mtime(self) -> float | None:
-        try:
-            return self._policy_path.stat().st_mtime_ns if self._policy_path else None
-        except OSError:
-            return None
-
     def _maybe_reload(self, now: float) -> None:
-        self._next_reload_check = now + self._snap.policy.reload_check_interval_s
-        mtime = self._file_mtime()
-        if mtime is None or mtime == self._mtime:
-            return
-        self._mtime = mtime
+        if not self._reload_lock.acquire(blocking=False):
+            return  # another request is looking at the file
         try:
-            self.reload_policy()
-        except ConfigError as exc:
-            # A bad edit must not take the router down: keep serving with the last good policy.
-            log.error("policy file changed but is invalid; keeping the previous policy: %s", exc)
+            policy = self._watcher.poll()
+            # A change seen but not yet at rest is looked at again soon; otherwise at the interval.
+            wait = self._watcher.settle_s if self._watcher.pending else self._snap.policy.reload_check_interval_s
+            self._next_reload_check = now + wait
+            if policy is not None:
+                try:
+                    self._apply(policy, str(self._policy_path))
+                except ConfigError as exc:
+                    # A bad edit must not take the router down: keep serving with the last good policy.
+                    log.error("policy file changed but cannot be applied; keeping the previous policy: %s", exc)
+        finally:
+            self._reload_lock.release()
 
     # ------------------------------------------------------------------ request set-up
 
-    def _begin(self, images: Sequence[Any], deadline_ms, privacy, mode, request_id, threshold) -> RouteRequest:
+    def _begin(self, images: Sequence[Any], deadline_ms, privacy, mode, request_id, threshold,
+               normalised=False) -> RouteRequest:
         if self._closed:
             raise RouterError("this router is closed")
         now = self._clock()
         snap = self._snap
-        if self._policy_path is not None and snap.policy.reload_check_interval_s > 0 and now >= self._next_reload_check:
+        if self._watcher is not None and snap.policy.reload_check_interval_s > 0 and now >= self._next_reload_check:
             self._maybe_reload(now)
             snap = self._snap
         policy = snap.policy
@@ -223,6 +246,7 @@ class Router:
             edge_version=self._edge_version,
             endpoints=snap.states,
             rng=self._rng,
+            normalised=bool(normalised),
         )
 
     # ------------------------------------------------------------------ local work (no I/O)
@@ -231,18 +255,22 @@ class Router:
         cfg = self._pre
         n = len(work.images)
         image = work.images[0]
-        if n == 1 and type(image) is np.ndarray and image.dtype == np.float32 and image.shape == (1, cfg.height, cfg.width):
-            # Already model input (the hot path of an app that preprocesses itself): check and go.
+        if (n == 1 and work.normalised and type(image) is np.ndarray and image.dtype == np.float32
+                and image.shape == (1, cfg.height, cfg.width)):
+            # Declared model input (the hot path of an app that preprocesses itself): check and go.
             if not np.isfinite(image).all():
                 raise InvalidInput("array contains NaN or infinite values")
             return self._run_edge(work, image[None], None)
         x = np.empty((n, 1, cfg.height, cfg.width), dtype=np.float32)
         pixels: np.ndarray | None = np.empty((n, cfg.height, cfg.width), dtype=np.uint8)
+        i = 0
         try:
             for i, image in enumerate(work.images):
                 if isinstance(image, np.ndarray) and image.dtype.kind == "f":
-                    x[i] = preprocess(image, cfg)  # already model input: no pixels to send
-                    pixels = None
+                    # Model input only when declared so; otherwise the preprocessing refuses it
+                    # (a [0, 1] image fed as model input silently costs most of the accuracy).
+                    x[i] = preprocess(image, cfg, normalised=work.normalised)
+                    pixels = None  # no pixels to send
                 else:
                     p = to_pixels(image, cfg)
                     x[i, 0] = normalise(p, cfg)
@@ -251,6 +279,8 @@ class Router:
         except InputError as exc:
             where = f"image {i}: " if n > 1 else ""
             raise InvalidInput(f"{where}{exc}") from exc
+        except EdgeModelError as exc:  # not the input's fault (e.g. the decode budget is busy)
+            raise EdgeError(f"preprocessing failed: {exc}") from exc
         return self._run_edge(work, x, pixels)
 
     def _run_edge(self, work: LocalWork, x: np.ndarray, pixels: np.ndarray | None) -> LocalResult:
@@ -269,18 +299,20 @@ class Router:
 
     def predict(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
                 mode: str | Mode | None = None, request_id: str | None = None,
-                threshold: float | None = None) -> Prediction:
-        """Classify one image (anything :mod:`edge_model.preprocess` accepts) within ``deadline_ms``."""
-        return self._run_sync(self._begin((image,), deadline_ms, privacy, mode, request_id, threshold))[0]
+                threshold: float | None = None, normalised: bool = False) -> Prediction:
+        """Classify one image within ``deadline_ms``: anything :mod:`edge_model.preprocess`
+        accepts as pixels (a path, encoded bytes, a PIL image, a uint8 array). A float array is
+        taken as model-ready input only with ``normalised=True``; otherwise it is refused."""
+        return self._run_sync(self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised))[0]
 
     def predict_batch(self, images: Iterable, *, deadline_ms: float | None = None, privacy: bool | None = None,
                       mode: str | Mode | None = None, request_id: str | None = None,
-                      threshold: float | None = None) -> list[Prediction]:
+                      threshold: float | None = None, normalised: bool = False) -> list[Prediction]:
         """Classify several images under one deadline; escalations go as one cloud request."""
         images = list(images)
         if not images:
             return []
-        return self._run_sync(self._begin(images, deadline_ms, privacy, mode, request_id, threshold))
+        return self._run_sync(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
 
     def _run_sync(self, req: RouteRequest) -> list[Prediction]:
         gen = route(req, self._clock)
@@ -305,19 +337,25 @@ class Router:
             raise
         finally:
             gen.close()
-        self._telemetry.record(outcome.predictions, outcome.cloud_calls, outcome.bytes_sent, req.policy.decision_log)
+        self._record(req, outcome)
         return outcome.predictions
+
+    def _record(self, req: RouteRequest, outcome) -> None:
+        policy = req.policy
+        details = not req.privacy or policy.decision_log_privacy_details
+        self._telemetry.record(outcome.predictions, outcome.cloud_calls, outcome.bytes_sent, policy.decision_log,
+                               details=details)
 
     def _cloud_sync(self, call: CloudCall):
         io = self._start_io()
         fut = io.submit(self._cloud.infer(call))
         try:
-            # infer() bounds itself with asyncio.timeout; this guards only against a stalled I/O
-            # loop, with a margin small enough to keep the caller inside its deadline.
-            return fut.result(call.timeout_s + 0.02)
+            # The attempt's absolute end, not a length from when the I/O loop gets to it.
+            return fut.result(call.remaining_s())
         except concurrent.futures.TimeoutError:
             fut.cancel()
-            err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms")
+            err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms",
+                               endpoint=call.state.endpoint.label)
             err.elapsed_s = call.timeout_s
             return err
 
@@ -325,17 +363,17 @@ class Router:
 
     async def apredict(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
                        mode: str | Mode | None = None, request_id: str | None = None,
-                       threshold: float | None = None) -> Prediction:
-        req = self._begin((image,), deadline_ms, privacy, mode, request_id, threshold)
+                       threshold: float | None = None, normalised: bool = False) -> Prediction:
+        req = self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised)
         return (await self._run_async(req))[0]
 
     async def apredict_batch(self, images: Iterable, *, deadline_ms: float | None = None, privacy: bool | None = None,
                              mode: str | Mode | None = None, request_id: str | None = None,
-                             threshold: float | None = None) -> list[Prediction]:
+                             threshold: float | None = None, normalised: bool = False) -> list[Prediction]:
         images = list(images)
         if not images:
             return []
-        return await self._run_async(self._begin(images, deadline_ms, privacy, mode, request_id, threshold))
+        return await self._run_async(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
 
     async def _run_async(self, req: RouteRequest) -> list[Prediction]:
         loop = asyncio.get_running_loop()
@@ -350,7 +388,7 @@ class Router:
                 elif kind is CloudCall:
                     attempts += 1
                     self._start_probe()
-                    result = await self._cloud.infer(effect)
+                    result = await self._cloud_async(effect)
                 else:
                     await asyncio.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
@@ -362,8 +400,19 @@ class Router:
             raise
         finally:
             gen.close()
-        self._telemetry.record(outcome.predictions, outcome.cloud_calls, outcome.bytes_sent, req.policy.decision_log)
+        self._record(req, outcome)
         return outcome.predictions
+
+    async def _cloud_async(self, call: CloudCall):
+        try:
+            # infer() bounds itself; this holds the attempt to its absolute end as well.
+            async with asyncio.timeout(call.remaining_s()):
+                return await self._cloud.infer(call)
+        except TimeoutError:
+            err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms",
+                               endpoint=call.state.endpoint.label)
+            err.elapsed_s = call.timeout_s
+            return err
 
     def _local_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -376,15 +425,19 @@ class Router:
 
     # ------------------------------------------------------------------ network lifecycle
 
-    def _start_io(self) -> _IOThread:
+    def _ensure_io(self) -> IOThread:
         if self._io is None:
             with self._lock:
                 if self._closed:
                     raise RouterError("this router is closed")
                 if self._io is None:
-                    self._io = _IOThread()
-        self._start_probe()
+                    self._io = IOThread()
         return self._io
+
+    def _start_io(self) -> IOThread:
+        io = self._ensure_io()
+        self._start_probe()
+        return io
 
     def _start_probe(self) -> None:
         if self._probe_started:
@@ -396,20 +449,7 @@ class Router:
             if self._probe_started:
                 return
             self._probe_started = True
-        io = self._start_io()
-        io.submit(self._probe_loop())
-
-    async def _probe_loop(self) -> None:
-        while not self._closed:
-            snap = self._snap
-            interval = snap.policy.cloud.health_probe_interval_s
-            if interval <= 0 or snap.policy.privacy_mode:
-                await asyncio.sleep(1.0)
-                continue
-            for state in snap.states:
-                ok = await self._cloud.ready(state, timeout_s=min(1.0, interval))
-                state.readiness.update(ok, self._clock())
-            await asyncio.sleep(interval)
+        self._ensure_io().submit(probe_loop(lambda: self._snap, self._cloud, self._clock, lambda: self._closed))
 
     def connect(self, timeout_s: float = 2.0) -> dict[str, str]:
         """Eagerly read every endpoint's model metadata and start the probe (optional: the first
@@ -432,7 +472,8 @@ class Router:
         return io.submit(fetch_all()).result(timeout_s + 1.0)
 
     def stats(self) -> dict:
-        """Counters, escalation rate, latency histograms, and each endpoint's breaker and estimate."""
+        """Counters, escalation rate, latency histograms, each endpoint's breaker and estimate,
+        and whether the edge model is available (with the error when it is not)."""
         out = self._telemetry.snapshot()
         out["endpoints"] = {
             s.endpoint.label: {
@@ -445,8 +486,12 @@ class Router:
             }
             for s in self._snap.states
         }
-        out["edge_model"] = {"version": self._edge_version, "available": self._edge is not None}
-        out["policy"] = {"mode": self._snap.policy.mode.value, "threshold": self._snap.policy.confidence_threshold}
+        edge = {"version": self._edge_version, "available": self._edge is not None,
+                "error": None if self._edge_error is None else str(self._edge_error)}
+        out["edge"] = edge
+        out["edge_model"] = edge  # the earlier name of the same entry
+        out["policy"] = {"mode": self._snap.policy.mode.value, "threshold": self._snap.policy.confidence_threshold,
+                         "privacy_mode": self._snap.policy.privacy_mode}
         return out
 
     # ------------------------------------------------------------------ closing
@@ -487,23 +532,11 @@ def _default_labels():
     return Manifest.load(DEFAULT_EDGE_MANIFEST).labels
 
 
-# ---------------------------------------------------------------------- module-level predict()
+def __getattr__(name: str):
+    # default_router/predict moved to router._default; kept reachable from here lazily (an eager
+    # import would be circular).
+    if name in ("default_router", "predict"):
+        from router import _default
 
-_default: Router | None = None
-_default_lock = threading.Lock()
-
-
-def default_router() -> Router:
-    """The process-wide router over the default policy file (created on first use)."""
-    global _default
-    if _default is None:
-        with _default_lock:
-            if _default is None:
-                _default = Router.from_config()
-                atexit.register(_default.close)
-    return _default
-
-
-def predict(image, **kwargs) -> Prediction:
-    """``router.predict(image, deadline_ms=..., privacy=..., mode=...)`` over the default config."""
-    return default_router().predict(image, **kwargs)
+        return getattr(_default, name)
+    raise AttributeError(name)

@@ -61,7 +61,10 @@ class Telemetry:
         self.cloud_attempts = 0
         self.bytes_sent = 0
 
-    def record(self, predictions: list[Prediction], attempts: int, bytes_sent: int, log: bool) -> None:
+    def record(self, predictions: list[Prediction], attempts: int, bytes_sent: int, log: bool,
+               details: bool = True) -> None:
+        """``details=False`` (a privacy request, unless the policy asks otherwise): the log line
+        says where and why, not what -- no label, no confidence."""
         with self._lock:
             self.cloud_attempts += attempts
             self.bytes_sent += bytes_sent
@@ -76,12 +79,15 @@ class Telemetry:
                 self.fallbacks += p.fallback
         if log and decision_log.isEnabledFor(logging.INFO):
             for p in predictions:
-                decision_log.info(json.dumps({
+                line = {
                     "request_id": p.request_id, "source": p.source, "reason": p.reason.value,
                     "fallback": p.fallback, "label": p.label, "confidence": round(p.confidence, 4),
                     "attempts": p.attempts, "endpoint": p.endpoint, "edge_ms": round(p.timings.edge_ms, 3),
                     "cloud_ms": round(p.timings.cloud_ms, 3), "total_ms": round(p.timings.total_ms, 3),
-                }))
+                }
+                if not details:
+                    del line["label"], line["confidence"]
+                decision_log.info(json.dumps(line))
 
     def record_failure(self, exc: BaseException, attempts: int = 0) -> None:
         with self._lock:

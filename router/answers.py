@@ -1,0 +1,100 @@
+"""Where answers are built: every :class:`Prediction` the router returns, and the
+:class:`PredictionUnavailable` it raises when neither side could answer, come from here.
+
+Built with :func:`router.prediction.build` (no re-validation: every value was computed by the
+router itself), so the confident hot path stays a few microseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from router.effects import CloudReply, LocalResult, RouteRequest
+from router.errors import CircuitOpen, PredictionUnavailable, PrivacyViolation
+from router.health import EndpointState
+from router.policy import Mode
+from router.prediction import EdgeOpinion, Prediction, Reason, Timings, build
+from router.rules import RouteContext, Verdict, after_cloud_failure
+
+
+def assemble(
+    req: RouteRequest,
+    local: LocalResult,
+    cls: Sequence[int],
+    conf: Sequence[float],
+    contexts: Sequence[RouteContext],
+    verdicts: Sequence[Verdict],
+    escalate: Sequence[int],
+    reply: Optional[CloudReply],
+    answering: Optional[EndpointState],
+    attempts: int,
+    cloud_error: Optional[BaseException],
+    cloud_s: float,
+    total_s: float,
+) -> list[Prediction]:
+    """One prediction per image, in order; raises :class:`PredictionUnavailable` (with the
+    other images' answers in ``.partial``) when some image has no answer."""
+    n = len(verdicts)
+    timings = build(Timings, edge_ms=local.edge_s * 1000.0, cloud_ms=cloud_s * 1000.0, total_ms=total_s * 1000.0)
+    predictions: list[Prediction] = []
+    failed: list[int] = []
+    cloud_row = {i: j for j, i in enumerate(escalate)}
+    for i, verdict in enumerate(verdicts):
+        if verdict.side == "cloud" and reply is None:
+            verdict = after_cloud_failure(contexts[i])
+        if verdict.side == "none":
+            failed.append(i)
+            continue
+        rid = req.request_id if n == 1 else f"{req.request_id}-{i}"
+        if verdict.side == "cloud":
+            edge = None
+            if local.probs is not None:
+                edge = build(EdgeOpinion, label=req.labels[cls[i]], class_index=cls[i], confidence=conf[i],
+                             model_version=req.edge_version)
+            predictions.append(cloud_answer(req, reply.probs[cloud_row[i]], verdict, reply.model_version, timings,
+                                            attempts, rid, answering.endpoint.label, edge))
+        else:
+            predictions.append(edge_answer(req, cls[i], conf[i], local.probs[i], verdict, timings,
+                                           attempts if i in cloud_row else 0, rid))
+    if failed:
+        raise unavailable(req, verdicts[failed[0]], local.edge_error, cloud_error, failed, n, predictions)
+    return predictions
+
+
+def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray, verdict: Verdict,
+                timings: Timings, attempts: int, rid: str) -> Prediction:
+    return build(
+        Prediction, label=req.labels[k], class_index=k, confidence=confidence, probabilities=probs.tolist(),
+        source="edge", reason=verdict.reason, fallback=verdict.fallback, model_version=req.edge_version,
+        timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None,
+    )
+
+
+def cloud_answer(req: RouteRequest, p: np.ndarray, verdict: Verdict, model_version: str, timings: Timings,
+                 attempts: int, rid: str, endpoint: str, edge: Optional[EdgeOpinion]) -> Prediction:
+    k = int(p.argmax())
+    return build(
+        Prediction, label=req.labels[k] if k < len(req.labels) else str(k), class_index=k, confidence=float(p[k]),
+        probabilities=p.tolist(), source="cloud", reason=verdict.reason, fallback=verdict.fallback,
+        model_version=model_version, timings=timings, attempts=attempts, request_id=rid, endpoint=endpoint, edge=edge,
+    )
+
+
+def unavailable(req: RouteRequest, verdict: Verdict, edge_error, cloud_error, failed, n, partial) -> Exception:
+    where = f"{len(failed)} of {n} images" if n > 1 else "the image"
+    if verdict.reason is Reason.PRIVACY and req.mode is Mode.CLOUD_ONLY:
+        return PrivacyViolation("cloud_only mode cannot answer under privacy: nothing may leave the device")
+    if verdict.reason is Reason.PRIVACY:
+        msg = f"the edge model failed on {where} and privacy forbids the cloud: {edge_error}"
+    elif req.mode is Mode.EDGE_ONLY:
+        msg = f"the edge model failed on {where} in edge_only mode: {edge_error}"
+    elif verdict.reason in (Reason.BREAKER_OPEN, Reason.OFFLINE) and cloud_error is None:
+        cloud_error = CircuitOpen(f"no cloud endpoint is usable ({verdict.reason.value})")
+        msg = f"no answer for {where}: cloud {verdict.reason.value}" + (f"; edge failed: {edge_error}" if edge_error else "")
+    else:
+        msg = f"no answer for {where}: cloud failed ({cloud_error})" + (f"; edge failed: {edge_error}" if edge_error else "")
+    exc = PredictionUnavailable(msg, edge_error=edge_error, cloud_error=cloud_error)
+    exc.partial = partial  # answers for the other images of a batch are not lost
+    return exc

@@ -1,0 +1,100 @@
+"""The effects the request flow (:mod:`router.flow`) yields, their outcomes, and the request
+and outcome records. Plain data; no I/O, no routing logic."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from router.errors import EdgeError
+from router.health import EndpointState
+from router.policy import Mode, RoutingPolicy
+from router.prediction import Prediction
+
+
+@dataclass
+class LocalWork:
+    """Preprocess the images and, if ``run_edge``, run the edge model on them.
+    ``normalised``: float inputs are declared model-ready (see ``Router.predict``)."""
+
+    images: Sequence[Any]
+    run_edge: bool
+    normalised: bool = False
+
+
+@dataclass
+class LocalResult:
+    x: np.ndarray  # float32 [N, 1, H, W] model input
+    pixels: Optional[np.ndarray]  # uint8 [N, H, W] raw pixels (None if an input was a float array)
+    probs: Optional[np.ndarray] = None  # calibrated edge probabilities [N, C]
+    edge_error: Optional[EdgeError] = None
+    edge_s: float = 0.0
+
+
+@dataclass
+class CloudCall:
+    """One attempt at one endpoint for some rows, ending at the absolute ``deadline``.
+
+    The deadline is a point on ``clock`` (``time.monotonic`` in a real router), fixed when the
+    flow decided the attempt: whoever runs the attempt, however late it starts, ends it there.
+    ``timeout_s`` is the attempt's length as decided (for messages and for servers)."""
+
+    state: EndpointState
+    x: np.ndarray
+    pixels: Optional[np.ndarray]
+    timeout_s: float
+    budget_s: float  # travels to the server as parameters.timeout
+    request_id: str
+    deadline: float = float("inf")  # absolute, on ``clock``
+    clock: Callable[[], float] = time.monotonic
+
+    def remaining_s(self) -> float:
+        """Seconds left before this attempt's absolute deadline (never negative)."""
+        return max(0.0, min(self.deadline - self.clock(), self.timeout_s))
+
+
+@dataclass
+class CloudReply:
+    probs: np.ndarray
+    model_version: str
+    elapsed_s: float
+    bytes_sent: int = 0
+
+
+@dataclass
+class Sleep:
+    seconds: float
+
+
+Effect = LocalWork | CloudCall | Sleep
+
+
+@dataclass
+class RouteRequest:
+    """Everything one call to predict() fixed when it entered."""
+
+    images: Sequence[Any]
+    policy: RoutingPolicy
+    mode: Mode
+    privacy: bool
+    deadline: float
+    started: float
+    request_id: str
+    labels: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    edge_version: str
+    endpoints: Sequence[EndpointState] = ()
+    rng: random.Random = field(default_factory=random.Random)
+    normalised: bool = False
+
+
+@dataclass
+class RouteOutcome:
+    predictions: list[Prediction]
+    cloud_calls: int = 0
+    bytes_sent: int = 0
+    cloud_error: Optional[BaseException] = None

@@ -1,0 +1,188 @@
+"""The request flow: one request (or batch) as a generator of effects, no I/O.
+
+:func:`route` yields :class:`~router.effects.LocalWork` (preprocess + edge inference),
+:class:`~router.effects.CloudCall` (one attempt at one endpoint, with an absolute deadline) and
+:class:`~router.effects.Sleep`, and is sent their outcomes. The sync front-end executes them
+inline (a confident request never touches an event loop or another thread); the async
+front-end awaits them. Neither front-end contains routing logic, so they cannot drift apart.
+Where each image goes is decided by the rule table (:mod:`router.rules`); answers are built
+in :mod:`router.answers`.
+
+Retries step through tenacity's own state machine (``Retrying.iter``) so its stop/wait/retry
+rules apply while the sleeping stays with the shell.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator, Sequence
+
+import numpy as np
+from tenacity import DoAttempt, DoSleep, RetryCallState
+
+from router.answers import assemble
+from router.effects import CloudCall, CloudReply, Effect, LocalResult, LocalWork, RouteOutcome, RouteRequest, Sleep
+from router.errors import CircuitOpen, CloudError, CloudRejected, CloudTimeout
+from router.health import EndpointState
+from router.policy import Mode
+from router.retry import make_retrying
+from router.rules import EndpointView, RouteContext, decide
+
+
+class _LazyViews(Sequence):
+    """The endpoints as the rules see them, read from their (locked) state only on first use:
+    a confident or private request is decided before any rule looks."""
+
+    __slots__ = ("_states", "_views")
+
+    def __init__(self, states: Sequence[EndpointState]) -> None:
+        self._states = states
+        self._views: tuple[EndpointView, ...] | None = None
+
+    def _get(self) -> tuple[EndpointView, ...]:
+        if self._views is None:
+            self._views = tuple(
+                EndpointView(s.key, s.endpoint.label, s.status(), s.latency.estimate(), s.endpoint.priority)
+                for s in self._states
+            )
+        return self._views
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __iter__(self):
+        return iter(self._get())
+
+
+def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, Any, RouteOutcome]:
+    """One request as a generator of effects; returns a :class:`RouteOutcome` or raises a RouterError."""
+    policy = req.policy
+    reserve = policy.budget_reserve_ms / 1000.0
+    local: LocalResult = yield LocalWork(req.images, req.mode is not Mode.CLOUD_ONLY, req.normalised)
+    n = len(local.x)
+    cls: list[int] = []
+    conf: list[float] = []
+    if local.probs is not None:
+        # Python lists: indexing them per image is far cheaper than indexing numpy arrays.
+        cls = local.probs.argmax(axis=1).tolist()
+        conf = local.probs.max(axis=1).tolist()
+    # Endpoint state is only looked at when the request may leave the device.
+    needs_net = not req.privacy and req.mode is not Mode.EDGE_ONLY
+    views = _LazyViews(req.endpoints) if needs_net else ()
+    now = clock()
+    contexts, verdicts = [], []
+    for i in range(n):
+        ctx = RouteContext(
+            mode=req.mode,
+            privacy=req.privacy,
+            now=now,
+            deadline=req.deadline,
+            reserve_s=reserve,
+            threshold=req.thresholds[cls[i]] if local.probs is not None else 1.0,
+            confidence=conf[i] if local.probs is not None else None,
+            endpoints=views,
+            selection=policy.cloud.selection,
+        )
+        contexts.append(ctx)
+        verdicts.append(decide(ctx))
+
+    escalate = [i for i, v in enumerate(verdicts) if v.side == "cloud"]
+    reply: CloudReply | None = None
+    cloud_error: BaseException | None = None
+    attempts = 0
+    bytes_sent = 0
+    answering: EndpointState | None = None
+    cloud_s = 0.0
+    if escalate:
+        t_cloud = clock()
+        rows = np.asarray(escalate)
+        by_key = {s.key: s for s in req.endpoints}
+        candidates = [by_key[v.key] for v in verdicts[escalate[0]].candidates]
+        reply, answering, cloud_error, attempts, bytes_sent = yield from _escalate(
+            req, clock, candidates, local.x[rows], None if local.pixels is None else local.pixels[rows], reserve
+        )
+        cloud_s = clock() - t_cloud
+
+    predictions = assemble(req, local, cls, conf, contexts, verdicts, escalate, reply, answering, attempts,
+                           cloud_error, cloud_s, clock() - req.started)
+    return RouteOutcome(predictions, attempts, bytes_sent, cloud_error)
+
+
+def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixels, reserve):
+    """Attempts across endpoints within the deadline: failover first, then retries with backoff."""
+    cloud = req.policy.cloud
+    tried: set[str] = set()
+    last_error: dict[str, BaseException] = {}
+    error: BaseException | None = None
+    attempts = 0
+    bytes_sent = 0
+
+    def fresh() -> list[EndpointState]:
+        return [s for s in candidates if s.key not in tried and s.breaker.would_allow()]
+
+    def pick() -> EndpointState | None:
+        f = fresh()
+        if f:
+            return f[0]
+        retry = [s for s in candidates if getattr(last_error.get(s.key), "retryable", False) and s.breaker.would_allow()]
+        return retry[0] if retry else None
+
+    def need_s() -> float:
+        nxt = pick()
+        return max(cloud.min_attempt_ms / 1000.0, nxt.latency.estimate() if nxt else 0.0)
+
+    retrying = make_retrying(
+        cloud.retry, clock=clock, deadline=req.deadline, reserve_s=reserve,
+        need_s=need_s, has_fresh_endpoint=lambda: bool(fresh()), rng=req.rng,
+    )
+    retrying.begin()
+    state = RetryCallState(retrying, fn=None, args=(), kwargs={})
+    while True:
+        try:
+            do = retrying.iter(state)
+        except CloudError as exc:  # tenacity re-raises the last failure when it stops
+            return None, None, exc, attempts, bytes_sent
+        if isinstance(do, DoAttempt):
+            ep = pick()
+            if ep is None or not ep.breaker.acquire():
+                outcome: BaseException = error or CircuitOpen("every endpoint's breaker is open")
+                state.set_exception((type(outcome), outcome, None))
+                continue
+            now = clock()
+            timeout = min(cloud.per_try_timeout_ms / 1000.0, req.deadline - now - reserve)
+            if timeout * 1000.0 < cloud.min_attempt_ms:
+                ep.breaker.release()
+                outcome = error or CloudTimeout("the deadline left no time for an attempt", endpoint=ep.endpoint.label)
+                state.set_exception((type(outcome), outcome, None))
+                continue
+            tried.add(ep.key)
+            attempts += 1
+            # An absolute end: the attempt stops there however late its runner starts it.
+            outcome = yield CloudCall(ep, x, pixels, timeout, max(req.deadline - now, 0.0), req.request_id,
+                                      deadline=now + timeout, clock=clock)
+            if isinstance(outcome, CloudReply):
+                ep.breaker.record_success()
+                ep.latency.observe(outcome.elapsed_s)
+                bytes_sent += outcome.bytes_sent
+                state.set_result((outcome, ep))
+            else:
+                _record_failure(ep, outcome)
+                last_error[ep.key] = error = outcome
+                state.set_exception((type(outcome), outcome, outcome.__traceback__))
+        elif isinstance(do, DoSleep):
+            state.prepare_for_next_attempt()
+            if float(do) > 0:  # failover to a fresh endpoint does not wait
+                yield Sleep(float(do))
+        else:
+            reply, ep = do
+            return reply, ep, None, attempts, bytes_sent
+
+
+def _record_failure(ep: EndpointState, exc: BaseException) -> None:
+    ep.last_error = exc
+    if isinstance(exc, CloudRejected):
+        ep.breaker.record_success()  # the server answered: it is reachable, this request was refused
+        return
+    ep.breaker.record_failure()
