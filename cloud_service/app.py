@@ -15,7 +15,12 @@ The edge of the service is here and only here:
   serves the infer endpoint itself (``_InferEndpoint``), skipping FastAPI's per-request
   layers on the hot path; every other endpoint is an ordinary FastAPI route.
 * Bearer-key auth is a dependency of every route except the health endpoints (and
-  ``/metrics`` if ``auth.public_metrics``); keys are compared in constant time.
+  ``/metrics`` if ``auth.public_metrics``); keys are compared in constant time. When keys are
+  configured, ``/v1/classify`` needs one too. A request with more than one ``Authorization``
+  header is refused (400) on every route, before any route or key is looked at.
+* ``HardenedHttpProtocol`` (the uvicorn HTTP protocol the CLI runs) bounds what one connection
+  may cost before the app sees it: header bytes (431), time to send the headers and pauses in
+  the body (408), open connections (503), all answered as ``{"error": ...}`` JSON.
 
 Nothing here logs request bodies, tensors or keys.
 """
@@ -24,12 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
+import resource
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Mapping, Optional
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,8 +61,9 @@ from cloud_service.errors import (
     Unavailable,
 )
 from cloud_service.metrics import ServiceMetrics
-from oip.protocol import ProtocolError, budget_from_parameters
 from cloud_service.settings import SETTINGS_JSON_ENV, ServiceSettings, load_settings
+from edge_model.errors import DecodeBusy
+from edge_model.preprocess import configure_decode_budget
 
 log = logging.getLogger("cloud_service.app")
 
@@ -98,6 +109,10 @@ def create_app(settings: Optional[ServiceSettings] = None, env: Optional[Mapping
     """The service as an ASGI app. ``env`` (default ``os.environ``) supplies ``auth.api_keys_env``."""
     settings = settings if settings is not None else ServiceSettings()
     keys = settings.auth.resolve_keys(os.environ if env is None else env)  # SettingsError: fail closed
+    limits = settings.limits
+    # Decoded-image memory is a process-wide resource: the budget is too (edge_model.preprocess).
+    configure_decode_budget(limits.decode_budget_bytes, limits.max_decoded_bytes, limits.decode_wait_s)
+    configure_http(settings)
     metrics = ServiceMetrics()
     dataplane = DataPlane(settings, metrics)
 
@@ -249,6 +264,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc)
 
+    @app.exception_handler(DecodeBusy)
+    async def _decode_busy(request: Request, exc: DecodeBusy) -> Response:
+        # Not the client's fault: other large images hold the decode memory budget (503 + Retry-After).
+        return error_response(Overloaded(str(exc), retry_after=1.0))
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         # Never FastAPI's 422; the message names the field only.
@@ -305,13 +325,15 @@ class _EdgeMiddleware:
         scope.setdefault("state", {})["arrived"] = started
         limit = self.max_body
         declared: Optional[int] = None
+        authorizations = 0
         for name, value in scope.get("headers", ()):
-            if name == b"content-length":
+            if name == b"content-length" and declared is None:
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = None
-                break
+            elif name == b"authorization":
+                authorizations += 1
         received = 0
         status = 500
 
@@ -336,7 +358,12 @@ class _EdgeMiddleware:
         m.in_flight.inc()
         infer = match_infer(scope["path"])
         try:
-            if infer is not None:
+            if authorizations > 1:
+                # Routes disagreed on which one counts (first vs last): refuse the ambiguity everywhere.
+                await error_response(InvalidRequest(
+                    f"{authorizations} Authorization headers: send exactly one 'Authorization: Bearer <key>'"
+                ))(scope, receive, send_status)
+            elif infer is not None:
                 await self.infer(scope, limited_receive, send_status, infer[0], infer[1])
             else:
                 await self.app(scope, limited_receive, send_status)
@@ -379,7 +406,10 @@ class _InferEndpoint:
                 await JSONResponse({"error": "method not allowed: use POST"}, status_code=405,
                                    headers={"Allow": "POST"})(scope, receive, send)
                 return
-            headers = {k: v for k, v in scope["headers"] if k in (b"authorization", HEADER_LENGTH_BYTES)}
+            headers: dict[bytes, bytes] = {}
+            for k, v in scope["headers"]:  # the first of each (duplicate Authorization is refused upstream)
+                if k in (b"authorization", HEADER_LENGTH_BYTES) and k not in headers:
+                    headers[k] = v
             if self.keys:
                 auth = headers.get(b"authorization")
                 check_bearer(auth.decode("latin-1") if auth is not None else None, self.keys)
@@ -418,10 +448,7 @@ class _InferEndpoint:
             req = await asyncio.to_thread(wire.parse_request, body, header_length)
         else:
             req = wire.parse_request(body, header_length)
-        try:
-            budget = budget_from_parameters(req.parameters)
-        except ProtocolError as exc:
-            raise InvalidRequest(str(exc)) from None
+        budget = wire.budget_seconds(req)  # finite, positive, at most a day (NaN broke call_later: a 500)
         response = await dataplane.infer(model_name, model_version, req, dataplane.deadline_for(budget, arrived))
         binary = wire.binary_outputs(req)
         rows = response.outputs[0].shape[0] if response.outputs else 0
@@ -435,3 +462,194 @@ HEADER_LENGTH_BYTES = wire.HEADER_LENGTH.encode()
 
 class _ClientGone(Exception):
     """The client disconnected before sending its whole body: nobody to answer."""
+
+
+# ----------------------------------------------------------------------------- HTTP protocol
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+
+
+HTTP_LIMITS = HttpLimits()
+_FD_RESERVE = 64  # descriptors kept for the listening socket, logs, model files, worker threads
+
+
+def configure_http(settings: ServiceSettings) -> HttpLimits:
+    """Set the limits :class:`HardenedHttpProtocol` enforces in this process (``create_app`` calls it).
+
+    A process-wide setting because uvicorn builds protocol instances from its own config, and each
+    worker process builds its app (hence these limits) before it accepts a connection. The
+    connection cap is kept below the file-descriptor limit: at the limit ``accept()`` fails and
+    the service stops answering anyone, health checks included.
+    """
+    global HTTP_LIMITS
+    s = settings.server
+    cap = s.limit_concurrency
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and cap > soft - _FD_RESERVE:
+        log.warning("server.limit_concurrency %d lowered to %d (file-descriptor limit %d)",
+                    cap, max(1, soft - _FD_RESERVE), soft)
+        cap = max(1, soft - _FD_RESERVE)
+    HTTP_LIMITS = HttpLimits(s.max_header_bytes, s.header_timeout_s, s.body_timeout_s, cap)
+    return HTTP_LIMITS
+
+
+def _json_response(status: int, reason: str, message: str, extra: bytes = b"") -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n").encode() + extra + b"\r\n" + body
+
+
+class HardenedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits uvicorn lacks, enforced per connection.
+
+    uvicorn has a keep-alive timeout but no header-read timeout, no body-read timeout and no
+    header size limit for httptools (``h11_max_incomplete_event_size`` applies to h11 only), and
+    its ``limit_concurrency`` answers text/plain only after a request's headers arrived, so idle
+    sockets still pile up to the file-descriptor limit. This subclass adds, with one
+    ``loop.call_later`` timer per phase (the smallest thing that works: no extra task, no
+    change to the parsing):
+
+    * header timeout: the request line and headers must arrive within ``header_timeout_s`` of
+      the connection (or of the request's first byte on a kept-alive connection) -- slowloris;
+    * body timeout: a started body may pause at most ``body_timeout_s`` (a Content-Length larger
+      than the body sent no longer hangs the connection forever);
+    * header size: more than ``max_header_bytes`` before the end of the headers is answered 431;
+    * connection cap: connections beyond ``max_connections`` are answered 503 and closed at once;
+    * parser errors are answered 400 JSON rather than text.
+
+    Every refusal is ``{"error": ...}`` JSON with ``connection: close``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = HTTP_LIMITS
+        self._head_timer: Optional[asyncio.TimerHandle] = None
+        self._body_timer: Optional[asyncio.TimerHandle] = None
+        self._reading_head = True
+        self._head_bytes = 0
+        self._heads_seen = 0
+        self._refused = False
+
+    # -- connection ----------------------------------------------------------------------
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        over = len(self.connections) >= self._limits.max_connections
+        super().connection_made(transport)
+        if over:
+            self._refused = True
+            self.logger.warning("connection refused: %d connections open (server.limit_concurrency)",
+                                len(self.connections) - 1)
+            self._answer(503, "Service Unavailable",
+                         "too many open connections; retry shortly", b"retry-after: 1\r\n")
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        heads = self._heads_seen
+        super().data_received(data)
+        if heads != self._heads_seen:
+            # A head or a message ended inside this chunk: what follows is body or the next head (at
+            # most one chunk, so memory stays bounded); the next chunk's bytes count from zero.
+            self._head_bytes = 0
+        elif self._reading_head and self.parser is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._answer(431, "Request Header Fields Too Large",
+                             f"request line and headers exceed {self._limits.max_header_bytes} bytes")
+
+    def send_400_response(self, msg: str) -> None:
+        self._answer(400, "Bad Request", "malformed HTTP request")
+
+    # -- parser callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._heads_seen += 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+        if self._expects_body():
+            self._arm_body_timer()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._body_timer is not None:
+            self._arm_body_timer()
+
+    def on_message_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+        self._reading_head = True
+        self._heads_seen += 1
+
+    # -- internals -----------------------------------------------------------------------
+    def _expects_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+                return True
+        return False
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timeout)
+
+    def _arm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = self.loop.call_later(self._limits.body_timeout_s, self._body_timeout)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self._answer(408, "Request Timeout",
+                         f"request headers not received within {self._limits.header_timeout_s:g}s")
+        else:  # a pipelined request's headers are late while a response is still being written
+            self.transport.close()
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started
+        if cycle is not None:
+            # The app waiting in receive() gets http.disconnect; whatever it sends now is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if started:
+            self.transport.close()
+        else:
+            self._answer(408, "Request Timeout",
+                         f"request body stalled for {self._limits.body_timeout_s:g}s "
+                         "(is Content-Length larger than the body?)")
+
+    def _answer(self, status: int, reason: str, message: str, extra: bytes = b"") -> None:
+        self._cancel_timers()
+        if not self.transport.is_closing():
+            self.transport.write(_json_response(status, reason, message, extra))
+            self.transport.close()

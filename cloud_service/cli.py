@@ -4,20 +4,24 @@ Examples::
 
     hybrid-router serve                                   # defaults: 127.0.0.1:8000, batching on
     hybrid-router serve --config config/cloud.yaml --port 9000
-    hybrid-router serve --check                           # validate and print the settings, then exit
+    hybrid-router serve --check                           # validate, load + warm up the model, print, exit
     HYBRID_CLOUD__BATCHING__MAX_BATCH_SIZE=16 hybrid-router serve
     hybrid-router serve --engine ray --autoscale 1,4      # Ray Serve (needs the ray extra)
 
-Exit codes: 0 clean shutdown, 2 bad settings or arguments, 3 start-up failed (e.g. the model
-could not be loaded -- the log says why).
+Exit codes: 0 clean shutdown (SIGINT or SIGTERM), 2 bad settings or arguments (one line naming
+the file or variable and the field, no traceback), 3 start-up failed (e.g. the model could not be
+loaded -- one line says why). ``--check`` runs the same start-up as serving (settings, keys,
+model load and warm-up) without binding a port, so it fails exactly when start-up would.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -34,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--fd", type=int, default=None,
                         help="serve on this inherited, already bound listening socket instead of --host/--port")
-    parser.add_argument("--check", action="store_true", help="validate the settings, print them (keys hidden), exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the settings, load and warm up the model as start-up would, print (keys hidden), exit")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
                         help="local: uvicorn in this process (default); ray: Ray Serve deployment")
     ray = parser.add_argument_group("Ray Serve engine (--engine ray)")
@@ -72,13 +77,17 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = resolve_settings(args)
-        if args.check:
-            print(settings.model_dump_json(indent=2))  # SecretStr prints as '**********'
-            settings.auth.resolve_keys(os.environ)
-            return 0
+        settings.auth.resolve_keys(os.environ)  # fail closed before anything starts
     except SettingsError as exc:
         print(f"hybrid-router serve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        problem = check_startup(settings)
+        if problem is not None:
+            print(f"hybrid-router serve: start-up would fail: {problem}", file=sys.stderr)
+            return STARTUP_FAILURE
+        print(settings.model_dump_json(indent=2))  # SecretStr prints as '**********'
+        return 0
     if args.engine == "ray":
         try:
             from cloud_service import ray_serve
@@ -88,6 +97,52 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return int(ray_serve.run(settings, args) or 0)
     return serve(settings, fd=args.fd)
+
+
+class WorkerAppFactory:
+    """The app factory handed to uvicorn worker processes (``workers > 1``).
+
+    uvicorn spawns workers with multiprocessing, which pickles the config -- this object
+    included -- through an inherited pipe. The resolved settings (API keys too) travel that way:
+    they are never exported into the environment (readable in ``/proc/<pid>/environ`` and
+    inherited by every child) nor written to disk. Defined here, not in ``cloud_service.app``, so
+    unpickling it in a worker imports nothing heavy.
+    """
+
+    def __init__(self, settings_json: str) -> None:
+        self._settings_json = settings_json
+
+    def __call__(self):
+        from cloud_service.app import create_app
+        from cloud_service.settings import ServiceSettings
+
+        return create_app(ServiceSettings.from_json(self._settings_json))
+
+    def __repr__(self) -> str:  # uvicorn may log the app; never the keys
+        return "WorkerAppFactory(<settings>)"
+
+
+def check_startup(settings) -> str | None:
+    """Run the service's start-up (app, model load, warm-up, batcher) and stop; ``None`` or one line why not."""
+    from cloud_service.app import create_app
+    from cloud_service.errors import ServiceError
+    from cloud_service.settings import SettingsError
+    from edge_model.errors import EdgeModelError
+
+    async def start_and_stop() -> None:
+        app = create_app(settings)
+        dataplane = app.state.dataplane
+        try:
+            await dataplane.start()  # exactly what the lifespan does before uvicorn serves
+        finally:
+            await dataplane.stop(settings.server.graceful_timeout_s)
+
+    try:
+        asyncio.run(start_and_stop())
+    except (SettingsError, EdgeModelError, ServiceError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"model.manifest {settings.model.manifest}: {first}" if isinstance(exc, EdgeModelError) else first
+    return None
 
 
 def log_config(level: str) -> dict:
@@ -105,7 +160,7 @@ def serve(settings, fd: int | None = None) -> int:
     """Run uvicorn with ``settings`` until SIGINT/SIGTERM; graceful shutdown lets in-flight requests finish."""
     import uvicorn
 
-    from cloud_service.settings import SETTINGS_JSON_ENV, SettingsError
+    from cloud_service.settings import SettingsError
 
     s = settings.server
     # An inherited descriptor is wrapped here, not by uvicorn: uvicorn's --fd path builds the socket
@@ -113,24 +168,31 @@ def serve(settings, fd: int | None = None) -> int:
     # connections and every response waits ~40 ms for the client's delayed ACK (Nagle).
     # socket.socket(fileno=fd) detects the real family (AF_INET) instead.
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
+    from cloud_service.app import create_app
+
     common = dict(
         host=s.host, port=s.port, log_level=s.log_level, log_config=log_config(s.log_level),
         access_log=s.access_log, timeout_graceful_shutdown=s.graceful_timeout_s, server_header=False,
-        lifespan="on",
+        # An import string, not the class: worker processes unpickle their config before they answer
+        # the supervisor's health check, and importing the app there took longer than its 5 s.
+        lifespan="on", http="cloud_service.app:HardenedHttpProtocol", timeout_keep_alive=s.keep_alive_s,
+        # The connection cap is HardenedHttpProtocol's (503 JSON at connect time); uvicorn's own
+        # limit_concurrency would answer text/plain, and only once headers arrived.
     )
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown; with the default action
+    # that kills the process (exit 143) although everything stopped cleanly. A handler of ours
+    # turns that re-raise into a no-op, so a clean SIGTERM shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if s.workers > 1:
-        # Each worker process builds its own app (and loads the model) from the resolved settings.
-        os.environ[SETTINGS_JSON_ENV] = settings.to_json()
-        if sockets is None:
-            uvicorn.run("cloud_service.app:create_app_from_environment", factory=True, workers=s.workers, **common)
-        else:  # what uvicorn.run does for workers > 1, with our correctly-typed socket
-            from uvicorn.supervisors import Multiprocess
+        from uvicorn.supervisors import Multiprocess
 
-            config = uvicorn.Config("cloud_service.app:create_app_from_environment", factory=True,
-                                    workers=s.workers, **common)
-            Multiprocess(config, sockets=sockets).run()
+        # Each worker builds its own app (and loads the model) from the resolved settings, which
+        # reach it pickled through multiprocessing's inherited pipe -- never via the environment.
+        config = uvicorn.Config(WorkerAppFactory(settings.to_json()), factory=True, workers=s.workers, **common)
+        if sockets is None:
+            sockets = [config.bind_socket()]
+        Multiprocess(config, sockets=sockets).run()
         return 0
-    from cloud_service.app import create_app
 
     try:
         app = create_app(settings)

@@ -48,6 +48,11 @@ class ModelSettings(_Section):
     manifest: Path = Field(DEFAULT_MANIFEST, description="manifest JSON of the ONNX model to serve")
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="served model name")
 
+    @field_validator("manifest")
+    @classmethod
+    def _expand_user(cls, path: Path) -> Path:
+        return path.expanduser()  # "~/models/x.json" from a file, the environment or the command line
+
 
 class BatchingSettings(_Section):
     enabled: bool = True
@@ -76,11 +81,35 @@ class ServerSettings(_Section):
     graceful_timeout_s: float = Field(10.0, gt=0, le=3600, description="in-flight requests may finish this long")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    # HTTP hardening (cloud_service.app.HardenedHttpProtocol); every client gets a bounded share.
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024,
+                                  description="request line + headers; larger is answered 431 and closed")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600,
+                                    description="a request's line and headers must arrive within this (else 408, closed)")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                  description="longest pause while a request body streams in (else 408, closed)")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="idle keep-alive connections are closed after this")
+    limit_concurrency: int = Field(512, ge=1, le=1_000_000,
+                                   description="open connections; more are answered 503 JSON and closed "
+                                               "(also capped below the process's file-descriptor limit)")
 
 
 class LimitsSettings(_Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit (413), enforced while streaming")
     max_pixels: int = Field(25_000_000, ge=1, description="image width x height limit, checked from the header (413)")
+    max_decoded_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024,
+                                   description="decoded size of one image (width x height x bytes per pixel, 413)")
+    decode_budget_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024,
+                                     description="decoded bytes all concurrent image decodes may hold together")
+    decode_wait_s: float = Field(5.0, ge=0, le=600,
+                                 description="how long an image waits for decode budget before 503 + Retry-After")
+
+    @model_validator(mode="after")
+    def _budget_holds_one_image(self) -> "LimitsSettings":
+        if self.max_decoded_bytes > self.decode_budget_bytes:
+            raise ValueError(f"max_decoded_bytes ({self.max_decoded_bytes}) exceeds decode_budget_bytes "
+                             f"({self.decode_budget_bytes}): one image could never be decoded")
+        return self
 
 
 class AuthSettings(_Section):

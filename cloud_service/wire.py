@@ -13,6 +13,7 @@ Error messages name fields and sizes, never values: they reach clients and logs.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -20,13 +21,49 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from cloud_service.errors import InvalidRequest
-from oip.protocol import DATATYPES, InferenceRequest, InferenceResponse
+from oip.protocol import DATATYPES, InferenceRequest, InferenceResponse, ProtocolError, budget_from_parameters
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
+# Shapes are checked with Python integers before numpy sees them: a dimension above int64 or a
+# product that overflows it made np.prod raise OverflowError (a 500) instead of a 400.
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**40
+MAX_TIMEOUT_US = 86_400 * 1_000_000  # a day: larger budgets are nonsense and overflow the event loop's timers
 
 
 def parse_request(body: bytes, header_length: Optional[str]) -> InferenceRequest:
+    """Bytes of an infer request -> a checked :class:`InferenceRequest`; :class:`InvalidRequest` otherwise."""
+    return check_request(_parse(body, header_length))
+
+
+def check_request(req: InferenceRequest) -> InferenceRequest:
+    """Shapes within int64 arithmetic (each dim and the element count), before anything multiplies them."""
+    for i, tensor in enumerate(req.inputs):
+        count = 1
+        for d in tensor.shape:
+            if d < 0 or d > MAX_DIM:
+                raise InvalidRequest(f"inputs[{i}].shape: dimensions must be between 0 and {MAX_DIM}")
+            count *= d
+        if count > MAX_ELEMENTS:
+            raise InvalidRequest(f"inputs[{i}].shape: more than {MAX_ELEMENTS} elements")
+    return req
+
+
+def budget_seconds(req: InferenceRequest) -> Optional[float]:
+    """``parameters.timeout`` (microseconds) as seconds: positive, finite and at most a day, else 400."""
+    try:
+        budget = budget_from_parameters(req.parameters)
+    except ProtocolError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if budget is None:
+        return None
+    if not math.isfinite(budget) or budget * 1_000_000 > MAX_TIMEOUT_US:
+        raise InvalidRequest(f"parameters.timeout must be a finite number of microseconds up to {MAX_TIMEOUT_US}")
+    return budget
+
+
+def _parse(body: bytes, header_length: Optional[str]) -> InferenceRequest:
     """Bytes of an infer request -> :class:`InferenceRequest` (binary inputs become numpy arrays)."""
     if not body:
         raise InvalidRequest("empty request body; expected a JSON inference request")
@@ -35,10 +72,10 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferenceRequest
             return InferenceRequest.model_validate_json(body)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation(exc)) from None
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # int() would take "١٢", "1_0", 5000 digits
+        raise InvalidRequest("Inference-Header-Content-Length must be a non-negative integer")
+    n = int(text)
     if n < 0 or n > len(body):
         raise InvalidRequest(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
     try:
@@ -53,11 +90,13 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferenceRequest
         if not isinstance(params, dict) or BINARY_SIZE not in params:
             continue
         size = params[BINARY_SIZE]
-        dtype = DATATYPES.get(tensor.get("datatype"))
+        datatype = tensor.get("datatype")
+        dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None  # a list/dict is unhashable
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidRequest(f"inputs[{i}].parameters.binary_data_size must be a non-negative integer")
         if dtype is None:
-            raise InvalidRequest(f"inputs[{i}]: datatype {tensor.get('datatype')!r} cannot be sent as binary data")
+            shown = datatype if isinstance(datatype, str) and len(datatype) <= 16 else type(datatype).__name__
+            raise InvalidRequest(f"inputs[{i}]: datatype {shown!r} cannot be sent as binary data")
         if offset + size > len(body):
             raise InvalidRequest(f"inputs[{i}]: binary_data_size {size} runs past the end of the body")
         if size % dtype.itemsize:
