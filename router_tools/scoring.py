@@ -2,10 +2,10 @@
 on a labeled set, from the model files (batched ONNX Runtime) or from a running Open Inference
 Protocol v2 service (batched requests).
 
-The v2 path reuses the router's own message functions (:func:`router.cloud.build_infer_body`,
-:func:`router.cloud.parse_infer_response`, :func:`router.cloud.parse_metadata`) over a plain
-synchronous httpx client, so it sends exactly what the router sends (compact UINT8 pixels when
-the server accepts them) and errors arrive as the router's typed ``CloudError`` tree.
+The v2 path *is* the router's client (:class:`router.cloud.CloudClient`) driven from a private
+event loop: it sends exactly what the router sends (compact UINT8 pixels when the server accepts
+them, the same headers and key rules), trusts exactly what the router trusts, checks answers the
+same way, and errors arrive as the router's typed ``CloudError`` tree.
 """
 
 from __future__ import annotations
@@ -51,26 +51,35 @@ class RemoteModel:
 
 
 class V2BatchClient:
-    """Batched v2 inference against one endpoint (sync; for whole-set scoring, not for routing)."""
+    """Batched v2 inference against one endpoint (sync; for whole-set scoring, not for routing).
+    ``classes``: the label count answers must have (checked when given)."""
 
     def __init__(self, url: str, model: str = "fashion-mnist", *, version: Optional[str] = None,
-                 api_key_env: Optional[str] = None, timeout_s: float = 60.0, batch_size: int = 64) -> None:
-        import httpx
+                 api_key_env: Optional[str] = None, timeout_s: float = 60.0, batch_size: int = 64,
+                 classes: Optional[int] = None, ca_bundle: Optional[str] = None) -> None:
+        import asyncio
+
         from pydantic import ValidationError
 
+        from router.cloud import CloudClient
         from router.errors import ConfigError
-        from router.policy import Endpoint
+        from router.health import EndpointState
+        from router.policy import CloudSettings, Endpoint
 
-        try:
-            self.endpoint = Endpoint(name=url, url=url, model=model, version=version, api_key_env=api_key_env)
-        except ValidationError as exc:
-            raise ConfigError(f"cloud URL {url!r}: {exc.errors()[0]['msg']}") from None
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1; got {batch_size}")
+        try:
+            self.endpoint = Endpoint(name=url, url=url, model=model, version=version, api_key_env=api_key_env,
+                                     ca_bundle=ca_bundle)
+            settings = CloudSettings(endpoints=(self.endpoint,), per_try_timeout_ms=timeout_s * 1000.0,
+                                     connect_timeout_ms=min(timeout_s, 10.0) * 1000.0, max_connections=1)
+        except ValidationError as exc:
+            raise ConfigError(f"cloud URL {url!r}: {exc.errors()[0]['msg']}") from None
         self.timeout_s = timeout_s
         self.batch_size = batch_size
-        self._client = httpx.Client(timeout=timeout_s, trust_env=False, follow_redirects=False)
-        self._info = None
+        self._state = EndpointState(self.endpoint, settings)
+        self._cloud = CloudClient(settings, classes=classes)
+        self._loop = asyncio.new_event_loop()
 
     def __enter__(self) -> "V2BatchClient":
         return self
@@ -79,53 +88,33 @@ class V2BatchClient:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        key = self.endpoint.api_key()
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        return headers
-
-    def _request(self, method: str, path: str, **kwargs):
-        from router.cloud import error_from_status, translate
-
-        ep = self.endpoint
-        try:
-            r = self._client.request(method, ep.url + path, headers=self._headers(), **kwargs)
-        except Exception as exc:  # noqa: BLE001 -- httpx errors, translated here
-            raise translate(exc, ep) from exc
-        if r.status_code != 200:
-            raise error_from_status(r.status_code, r.headers, r.content, ep)
-        return r
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._cloud.aclose())
+            self._loop.close()
 
     def metadata(self):
-        from oip.protocol import model_path
-        from router.cloud import parse_metadata
-
-        if self._info is None:
-            r = self._request("GET", model_path(self.endpoint.model, self.endpoint.version))
-            self._info = parse_metadata(r.content, self.endpoint)
-        return self._info
+        if self._state.meta is None:
+            self._loop.run_until_complete(self._cloud.fetch_metadata(self._state, self.timeout_s))
+        return self._state.meta
 
     def predict_proba(self, pixels: np.ndarray, config: PreprocessConfig,
                       progress=None) -> tuple[np.ndarray, RemoteModel]:
         """Probabilities for ``uint8 [N, H, W]`` pixels, ``batch_size`` images per request
         (``progress(done, total)`` after each)."""
-        from oip.protocol import model_path
-        from router.cloud import build_infer_body, parse_infer_response
+        from router.decision import CloudCall
+        from router.errors import CloudError
 
         info = self.metadata()
-        path = model_path(self.endpoint.model, self.endpoint.version) + "/infer"
         out, version = [], ""
         for i in range(0, len(pixels), self.batch_size):
             px = np.ascontiguousarray(pixels[i:i + self.batch_size])
-            x = model_input(px, config)
-            body = build_infer_body(info, self.endpoint, x, px, self.timeout_s, f"score-{os.getpid()}-{i}")
-            r = self._request("POST", path, content=body)
-            probs, version = parse_infer_response(r.content, self.endpoint, len(px))
-            out.append(probs)
+            call = CloudCall(self._state, model_input(px, config), px, self.timeout_s, self.timeout_s,
+                             f"score-{os.getpid()}-{i}")
+            reply = self._loop.run_until_complete(self._cloud.infer(call))
+            if isinstance(reply, CloudError):
+                raise reply
+            out.append(reply.probs)
+            version = reply.model_version
             if progress is not None:
                 progress(min(i + self.batch_size, len(pixels)), len(pixels))
         probs = np.concatenate(out) if out else np.empty((0, 0), np.float32)

@@ -110,7 +110,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.cloud_url:
         model_name = args.cloud_model or (policy.cloud.endpoints[0].model if policy.cloud.endpoints else "fashion-mnist")
-        with V2BatchClient(args.cloud_url, model_name, api_key_env=args.api_key_env, batch_size=args.batch_size) as client:
+        with V2BatchClient(args.cloud_url, model_name, api_key_env=args.api_key_env, batch_size=args.batch_size,
+                           classes=len(edge.labels)) as client:
             cloud_probs, remote = client.predict_proba(data.pixels, edge.preprocess_config)
         cloud_desc = f"{remote.model} {remote.version} via {remote.url} ({remote.datatype})"
     else:
