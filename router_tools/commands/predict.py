@@ -33,10 +33,13 @@ def run(args: argparse.Namespace) -> int:
                 p = router.predict(path, deadline_ms=args.deadline_ms, privacy=args.privacy or None, mode=args.mode)
             except RouterError as exc:
                 status = 1
+                category = getattr(getattr(exc, "cloud_error", None), "category", None)
                 if args.json:
-                    print(json.dumps({"image": str(path), "error": type(exc).__name__, "message": str(exc)}))
+                    print(json.dumps({"image": str(path), "error": type(exc).__name__, "message": str(exc),
+                                      "cloud_failure": category}))
                 else:
-                    print(f"{path.name:32s}  ERROR {type(exc).__name__}: {exc}")
+                    print(f"{path.name:32s}  ERROR {type(exc).__name__}" + (f" (cloud {category})" if category else "")
+                          + f": {exc}")
                 continue
             if args.json:
                 print(json.dumps({"image": str(path), **p.model_dump(mode="json")}))
@@ -44,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
                 flag = " (fallback)" if p.fallback else ""
                 print(f"{path.name:32s}  {p.label:12s} {p.confidence:6.1%}  {p.source:5s} {p.reason.value}{flag}"
                       f"  edge {p.timings.edge_ms:.2f} ms  cloud {p.timings.cloud_ms:.1f} ms  total {p.timings.total_ms:.1f} ms")
+                if p.cloud_failure is not None:  # why the escalation failed, in the operator's words
+                    print(f"{'':32s}  cloud failed ({p.cloud_failure.category}): {p.cloud_failure.message}")
     return status
