@@ -1,5 +1,10 @@
 """``hybrid-router demo`` end to end in a subprocess, in reduced form, as CI runs it (a pipe,
-not a terminal): exit 0, every scenario shown, nothing left behind."""
+not a terminal): exit 0, every stage shows the condition it is about, the log is compact, and
+nothing is left behind.
+
+The demo's stages end on what they observe (or on a time bound they report), never on an image
+count, so this holds however fast the machine answers.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(200)
+
+SECTIONS = ["1. Streaming shipped test images", "2. Simulated WAN (wan40: 40 ms round trip)",
+            "3. Cloud outage mid-stream", "4. Privacy mode (privacy=True)", "5. Recovery", "Summary"]
 
 
 def alive(pid: int) -> bool:
@@ -25,55 +33,85 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_demo_runs_every_scenario_and_leaves_nothing_behind():
+@pytest.fixture(scope="module")
+def demo():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HYBRID_ROUTER_POLICY", None)
+    # the time bound per stage only bounds a hang; every stage is expected to see its condition
     proc = subprocess.run(
-        [sys.executable, "-m", "router_tools.cli", "demo", "--limit", "40", "--scenario-limit", "12"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "router_tools.cli", "demo", "--limit", "40", "--scenario-limit", "12",
+         "--stage-seconds", "25"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     out = proc.stdout
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    positions = [out.find(s) for s in SECTIONS]
+    assert -1 not in positions and positions == sorted(positions), (positions, out)
+    body = {s: out[p:q] for s, p, q in zip(SECTIONS, positions, positions[1:] + [len(out)])}
+    return out, body
 
-    sections = ["1. Streaming shipped test images", "2. Simulated WAN (wan40: 40 ms round trip)",
-                "3. Cloud outage mid-stream", "4. Privacy mode (privacy=True)", "5. Recovery", "Summary"]
-    positions = [out.find(s) for s in sections]
-    assert -1 not in positions and positions == sorted(positions), positions
-    body = {s: out[p:q] for s, p, q in zip(sections, positions, positions[1:] + [len(out)])}
 
-    # plain lines on a pipe: one per answer, with the table's columns
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s{2}(.{12}) (.{12}) (edge|cloud)\s+(\S+).*?([\d.]+)\s+([✓✗])$", out, re.M)
-    assert len(rows) >= 40 + 4 * 12
-    assert "\x1b[" not in out  # no terminal control sequences in a log
+def test_every_stage_reports_its_condition_seen(demo):
+    out, body = demo
+    for s in SECTIONS[:5]:
+        assert re.search(r"^  seen after \d+ images \([\d.]+ s\): ", body[s], re.M), (s, body[s])
+        assert "NOT seen" not in body[s], body[s]
 
-    stream = body[sections[0]]
-    assert "cloud  low_confidence" in stream and "edge   confident" in stream
-    assert "summary: 40 answered" in stream
-    assert "cloud  low_confidence" in body[sections[1]]
 
-    outage = body[sections[2]]
+def test_stream_and_wan_show_edge_answers_and_escalations(demo):
+    _, body = demo
+    stream, wan = body[SECTIONS[0]], body[SECTIONS[1]]
+    assert "first edge/confident" in stream and "first cloud/low_confidence" in stream
+    assert re.search(r"^  40 answered,", stream, re.M)
+    assert "first cloud/low_confidence" in wan
+
+
+def test_outage_answers_every_request_locally_and_opens_the_breaker(demo):
+    _, body = demo
+    outage = body[SECTIONS[2]]
     assert ">>> cloud service killed (SIGKILL" in outage
-    assert re.search(r"\(fallback\)", outage)
-    n = int(re.search(r"summary: (\d+) answered", outage).group(1))
-    assert re.search(rf"within the 150 ms deadline: \d+/{n};", outage)
-    # every answer within its deadline, plus scheduling noise on a loaded machine (a hang bound)
-    assert float(re.search(r"max ([\d.]+) ms", outage).group(1)) <= 150 + 250
-    assert "breaker local open" in outage
+    assert "(fallback)" in outage
+    assert "breaker opened" in outage and "breaker local open" in outage
+    n = int(re.search(r"^  (\d+) answered", outage, re.M).group(1))
+    assert re.search(rf"in 150 ms: \d+/{n}$", outage, re.M)
 
-    privacy = body[sections[3]]
-    assert "cloud calls 0, bytes sent 0, new connections 0" in privacy
+
+def test_privacy_mode_sends_nothing(demo):
+    _, body = demo
+    privacy = body[SECTIONS[3]]
+    assert "cloud calls 0, 0 B sent, new connections 0" in privacy
     assert "nothing left the device" in privacy
-    assert "cloud  " not in privacy.split("summary:")[0]
+    assert "first cloud/" not in privacy and "escalated 0," in privacy
 
-    recovery = body[sections[4]]
+
+def test_recovery_shows_the_half_open_trial_and_escalations_resuming(demo):
+    out, body = demo
+    recovery = body[SECTIONS[4]]
     assert ">>> cloud service back" in out
-    assert "cloud  low_confidence" in recovery and "breaker local closed" in recovery
+    trial = re.search(r"half-open trial: cloud answered in [\d.]+ ms -> breaker closed", recovery)
+    assert trial, recovery
+    assert "first cloud/low_confidence" in recovery
+    assert int(re.search(r"escalated (\d+),", recovery).group(1)) >= 2  # the trial and one after it
+    assert "breaker local closed" in recovery[trial.end():]
 
-    # nothing left behind: every service process it started is gone, its ports refuse connections
+
+def test_log_is_compact_and_fits_80_columns(demo):
+    out, body = demo
+    lines = out.splitlines()
+    assert len(lines) < 80, len(lines)
+    assert max(map(len, lines)) <= 80
+    assert "\x1b[" not in out  # no terminal control sequences in a log
+    table = body["Summary"]
+    for short in ("stream (loopback)", "WAN (40 ms RTT)", "cloud outage", "privacy mode", "recovery"):
+        assert re.search(rf"^{re.escape(short)}\s+\d+\s+[\d.]+%", table, re.M), table
+
+
+def test_nothing_is_left_behind(demo):
+    out, _ = demo
     pids = {int(p) for p in re.findall(r"\(pid (\d+)", out)}
     assert len(pids) == 2  # the first service and its restart
     assert not [p for p in pids if alive(p)]
-    m = re.search(r"clean exit: cloud service \(pid \d+\) stopped, ports (\d+) and (\d+) closed", out)
+    m = re.search(r"clean exit: service \(pid \d+\) stopped, ports (\d+) and (\d+) closed", out)
     assert m
     for port in map(int, m.groups()):
         with socket.socket() as s:

@@ -2,34 +2,50 @@
 
 Starts the real cloud service on a free loopback port and a loopback network proxy in front of
 it (the router is given the proxy's URL and knows nothing else), streams shipped test images
-through :class:`router.Router` with a live table, then walks through the scenarios that matter:
+through :class:`router.Router`, then walks through the scenarios that matter:
 
-1. **stream** -- a few hundred images on the local network: confident ones answered on the
-   device, unsure ones escalated;
+1. **stream** -- on the local network: confident images answered on the device, unsure ones
+   escalated;
 2. **simulated WAN** -- the proxy switches to the ``wan40`` profile (40 ms RTT): escalations pay
    the round trip, confident answers do not;
 3. **cloud outage** -- the service process is killed (SIGKILL) mid-stream: answers keep coming,
    from the edge, marked as fallbacks, each within its deadline; the circuit breaker opens;
 4. **privacy mode** -- ``privacy=True``: zero cloud calls and zero connections (router stats and
    the proxy's connection counter), while the service restarts in the background;
-5. **recovery** -- the service is back: the breaker half-opens, a trial succeeds, it closes,
-   escalations resume.
+5. **recovery** -- the service is back: once the breaker's open period has passed it half-opens,
+   a trial escalation succeeds, it closes, escalations resume.
 
-On a terminal the table updates in place (rich); in a pipe or CI log every answer is one plain
-line. Everything started is stopped at the end and checked (process gone, ports closed).
+Each stage runs until its condition has been seen (after a minimum number of images, so its
+figures mean something) or its time bound passes, and says which: how fast this machine answers
+does not decide what is shown. On a terminal a live table updates in place (rich); in a pipe or
+CI log each stage prints a few lines (its first answer of each kind and every breaker change),
+80 columns wide. Everything started is stopped at the end and checked (process gone, ports
+closed).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+DEMO_BREAKER_OPEN_S = 1.0
+RECOVERY_PACE_S = 0.025  # a modest rate, so the breaker's open period passes while images still arrive
+PIPE_WIDTH = 80
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=240, help="images in the first stream (default 240)")
-    p.add_argument("--scenario-limit", type=int, default=40, help="images per scenario after it (default 40)")
+    p.add_argument("--limit", type=int, default=200, help="images in the first stream (default 200)")
+    p.add_argument("--scenario-limit", type=int, default=20,
+                   help="minimum images per scenario after it; each goes on until its condition is seen (default 20)")
+    p.add_argument("--stage-seconds", type=float, default=20.0,
+                   help="time bound of each stage if its condition is not seen (default 20)")
     p.add_argument("--config", metavar="POLICY", help="routing policy (default: config/policy.yaml); the demo points "
                    "its endpoint at the local service and shortens the breaker's open duration")
+    p.add_argument("--edge-manifest", metavar="PATH", help="edge model manifest (default: the policy's, else the shipped INT8)")
+    p.add_argument("--cloud-manifest", metavar="PATH", help="cloud model manifest the local service serves "
+                   "(default: the shipped cloud model)")
     p.add_argument("--deadline-ms", type=float, help="per-request deadline (default: the policy's)")
     p.add_argument("--pace-ms", type=float, default=None,
                    help="pause between images so the table can be read (default: 12 on a terminal, 0 otherwise)")
@@ -38,21 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from cloud_service.launch import ServiceStartError
-    from edge_model.errors import EdgeModelError
-    from router.errors import RouterError
-    from router_tools.netsim import NetsimError
-
-    try:
-        return _Demo(args).run()
-    except (RouterError, EdgeModelError, NetsimError, ServiceStartError) as exc:
-        print(f"demo: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    # typed errors (ConfigError, ServiceStartError, ...) are reported in one line by router_tools.cli
+    return _Demo(args).run()
 
 
-DEMO_BREAKER_OPEN_S = 1.0
+@dataclass
+class Stage:
+    title: str
+    short: str  # its row in the final table
+    blurb: str
+    condition: str  # what the stage waits to see, in words
+    seen: Callable[[list[dict]], bool]
+    min_images: int
+    max_seconds: float
+    privacy: bool = False
+    pace_s: Optional[float] = None  # None: the demo's pace
+    before: Optional[Callable[[int], None]] = None  # called with the image number before each request
 
 
 class _Demo:
@@ -62,182 +79,232 @@ class _Demo:
         self.args = args
         self.console = Console(highlight=False)
         self.live = self.console.is_terminal
-        if not self.live:  # pipes and CI logs: plain lines, wide enough for the tables
-            self.console = Console(highlight=False, width=max(self.console.width, 120))
+        if not self.live:  # pipes and CI logs: plain text, 80 columns
+            self.console = Console(highlight=False, width=PIPE_WIDTH, no_color=True)
         pace = args.pace_ms if args.pace_ms is not None else (12.0 if self.live else 0.0)
         self.pace_s = max(0.0, pace) / 1000.0
         self.next_image = 0
         self.results: list[tuple[str, dict]] = []
+        self.restart_error: Optional[BaseException] = None
+        self.opened_at: Optional[float] = None  # monotonic time the breaker was last seen opening
 
     # ------------------------------------------------------------------ main flow
     def run(self) -> int:
         import threading
+        from pathlib import Path
 
         from cloud_service.launch import LocalService
-        from router_tools.datasets import load_test
         from router import Router
+        from router.errors import ConfigError
+        from router.policy import load_policy, parse_policy
+        from router_tools.datasets import load_test
         from router_tools.evaluation import policy_for
         from router_tools.netsim import NetworkProxy
-        from router.policy import load_policy, parse_policy
 
         args, c = self.args, self.console
         if args.limit < 1 or args.scenario_limit < 1:
-            from router.errors import ConfigError
-
             raise ConfigError("--limit and --scenario-limit must be >= 1")
+        if not args.stage_seconds > 0:
+            raise ConfigError(f"--stage-seconds must be > 0; got {args.stage_seconds}")
+        for flag, path in (("--edge-manifest", args.edge_manifest), ("--cloud-manifest", args.cloud_manifest)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{path}: {flag}: manifest file not found")
         base = load_policy(args.config)
         test = load_test()
         self.images, self.labels = test.images, test.labels
         c.rule("[bold]hybrid-router demo[/bold]")
-        c.print("A small INT8 model answers on this device when it is confident; unsure requests go to a "
-                "full-precision model behind an Open Inference Protocol v2 service.")
-        svc = LocalService()
-        proxy = None
-        restart: threading.Thread | None = None
+        c.print("A small INT8 model answers on this device when it is confident; unsure requests go "
+                "to a full-precision model behind an Open Inference Protocol v2 service.")
+        overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else None
+        svc = LocalService(overrides=overrides)
         with contextlib.ExitStack() as stack:
-            stack.callback(self._stop_service, svc)
-            c.print("starting the cloud service on a free loopback port ...")
+            stack.callback(svc.stop)
             svc.start()
             self.service_pid, self.service_port = svc.pid, svc.port
             c.print(f"cloud service: {svc.url} (pid {svc.pid})")
             proxy = stack.enter_context(NetworkProxy(svc.url, "loopback", seed=args.seed))
             self.proxy_port = proxy.port
-            c.print(f"network proxy: {proxy.url_for()} -> {svc.url} ({proxy.profile.describe()})")
+            c.print(f"network proxy: {proxy.url_for()} ({proxy.profile.describe()})")
             data = policy_for(base, proxy.url_for()).model_dump(mode="json")
             data["cloud"]["breaker"]["open_duration_s"] = DEMO_BREAKER_OPEN_S
+            if args.edge_manifest:
+                data["edge"]["manifest"] = str(Path(args.edge_manifest).resolve())
             policy = parse_policy(data, "demo policy")
             router = stack.enter_context(Router(policy))
             self.deadline_ms = float(args.deadline_ms or policy.default_deadline_ms)
             edge = router.edge_model
             connected = router.connect()
             c.print(f"router: edge model {edge.name if edge else '-'} {edge.version if edge else ''}, threshold "
-                    f"{policy.confidence_threshold:g}, deadline {self.deadline_ms:g} ms, breaker opens for "
-                    f"{DEMO_BREAKER_OPEN_S:g} s in the demo ({base.cloud.breaker.open_duration_s:g} s in the policy); "
-                    f"endpoint {', '.join(f'{k}: {v}' for k, v in connected.items())}")
+                    f"{policy.confidence_threshold:g}, deadline {self.deadline_ms:g} ms")
+            c.print(f"endpoint {', '.join(f'{k}: {v}' for k, v in connected.items())}; breaker opens for "
+                    f"{DEMO_BREAKER_OPEN_S:g} s here ({base.cloud.breaker.open_duration_s:g} s in the policy)")
 
-            self.scenario(router, proxy, "1. Streaming shipped test images", args.limit,
-                          "Confident answers come from the device; unsure ones escalate to the cloud.", short="stream (loopback)")
+            bound, k = args.stage_seconds, args.scenario_limit
+            self.stage(router, proxy, Stage(
+                "1. Streaming shipped test images", "stream (loopback)",
+                "Confident answers come from the device; unsure ones escalate to the cloud.",
+                "edge answers and escalations",
+                lambda rows: _any(rows, "edge", "confident") and _any(rows, "cloud"), args.limit, bound))
             if not args.no_scenarios:
-                k = args.scenario_limit
                 proxy.set_profile("wan40")
-                self.scenario(router, proxy, "2. Simulated WAN (wan40: 40 ms round trip)", k,
-                              f"The proxy now delays every packet ({proxy.profile.describe()}); the router was not told.",
-                              short="WAN (40 ms RTT)", until=lambda rows: any(r["source"] == "cloud" for r in rows))
+                self.stage(router, proxy, Stage(
+                    "2. Simulated WAN (wan40: 40 ms round trip)", "WAN (40 ms RTT)",
+                    f"Unknown to the router, the proxy delays every packet ({proxy.profile.describe()}).",
+                    "an escalation over the slow link",
+                    lambda rows: _any(rows, "cloud"), k, bound))
                 kill_at = max(1, k // 4)
 
                 def kill(j: int) -> None:
                     if j == kill_at:
                         svc.kill()
-                        self.note(f"[red]>>> cloud service killed (SIGKILL, pid {self.service_pid}) "
-                                  f"before image {j + 1} of {k}[/red]")
+                        self.event(j, f">>> cloud service killed (SIGKILL, pid {self.service_pid})")
 
-                self.scenario(router, proxy, "3. Cloud outage mid-stream", k,
-                              "The service process dies part-way; every request must still be answered in time.",
-                              before=kill, short="cloud outage",
-                              until=lambda rows: sum(r["fallback"] for r in rows) >= 2
-                              and "open" in self.breaker_states(router))
-                c.print(f"breaker: {self.breaker(router)}")
+                self.stage(router, proxy, Stage(
+                    "3. Cloud outage mid-stream", "cloud outage",
+                    "The service dies part-way; every request must still be answered in time.",
+                    "fallbacks and the breaker open",
+                    lambda rows: sum(r["fallback"] for r in rows) >= 2 and rows[-1]["breaker_after"] == "open",
+                    k, bound, before=kill))
                 restart = threading.Thread(target=self._restart, args=(svc,), name="demo-restart", daemon=True)
                 restart.start()
-                self.scenario(router, proxy, "4. Privacy mode (privacy=True)", k,
-                              "Nothing may leave the device: no cloud call, no connection (the service restarts "
-                              "meanwhile in the background).", privacy=True, short="privacy mode")
+                self.stage(router, proxy, Stage(
+                    "4. Privacy mode (privacy=True)", "privacy mode",
+                    "Nothing may leave the device (the service restarts meanwhile).",
+                    "no cloud call, no connection",
+                    lambda rows: all(r["reason"] == "privacy" for r in rows) and self._no_traffic(router, proxy),
+                    k, bound, privacy=True))
                 restart.join(svc.ready_timeout + 5)
                 if not svc.running:
-                    raise _start_error(svc)
-                self.note(f"[green]>>> cloud service back (pid {svc.pid}) on the same port[/green]")
+                    raise _start_error(svc, self.restart_error)
                 self.service_pid = svc.pid
-                self.scenario(router, proxy, "5. Recovery", k,
-                              "The breaker half-opens, a trial call succeeds, it closes, escalations resume.",
-                              short="recovery", until=lambda rows: any(r["source"] == "cloud" for r in rows)
-                              and self.breaker_states(router) == {"closed"})
+                c.print(f">>> cloud service back (pid {svc.pid}) on the same port")
+                self.stage(router, proxy, Stage(
+                    "5. Recovery", "recovery",
+                    f"After its {DEMO_BREAKER_OPEN_S:g} s open period the breaker half-opens; one trial "
+                    "escalation decides.",
+                    "half-open trial passed, escalations resumed",
+                    _recovered, k, max(bound, DEMO_BREAKER_OPEN_S + bound),
+                    pace_s=max(self.pace_s, RECOVERY_PACE_S)))
             self.final_summary(router)
         self.check_clean()
         return 0
 
     # ------------------------------------------------------------------ helpers
     def _restart(self, svc) -> None:
-        import time
-
-        time.sleep(0.2)  # the outage lasts a moment longer
         try:
             svc.start()
-        except Exception as exc:  # noqa: BLE001 -- reported by the main thread (svc.running is False)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread (svc.running is False)
             self.restart_error = exc
 
-    @staticmethod
-    def _stop_service(svc) -> None:
-        svc.stop()
+    def _no_traffic(self, router, proxy) -> bool:
+        st, px = router.stats(), proxy.stats()
+        return (st["cloud_attempts"] == self._stats0["cloud_attempts"]
+                and px.connections_accepted == self._proxy0.connections_accepted)
 
-    def note(self, text: str) -> None:
-        self._pending_note = text
-        if not self.live:
-            self.console.print(text)
-
-    @staticmethod
-    def breaker_states(router) -> set[str]:
-        return {e["breaker"] for e in router.stats()["endpoints"].values()}
+    def event(self, j: int, text: str) -> None:
+        """A line above the live table, or in the log: what happened at image ``j + 1`` of the stage."""
+        self.console.print(f"  #{j + 1:<4} {text}", markup=False)
 
     @staticmethod
     def breaker(router) -> str:
         return ", ".join(f"{name} {e['breaker']}" for name, e in router.stats()["endpoints"].items())
 
-    # ------------------------------------------------------------------ one scenario
-    def scenario(self, router, proxy, title: str, count: int, blurb: str, *, privacy: bool = False,
-                 before=None, until=None, short: str | None = None) -> None:
-        """Stream ``count`` images; with ``until(rows)``, go on (up to 3x) until it holds, so a short
-        run still shows what the scenario is about (an escalation, a fallback, a recovery)."""
+    @staticmethod
+    def breaker_state(router) -> str:
+        """One word for all endpoints: ``open`` only when every breaker is open (the router then stays local)."""
+        states = {e["breaker"] for e in router.stats()["endpoints"].values()}
+        return states.pop() if len(states) == 1 else "mixed"
+
+    # ------------------------------------------------------------------ one stage
+    def stage(self, router, proxy, st: Stage) -> None:
+        """Stream images until ``st.seen(rows)`` holds after ``st.min_images``, or ``st.max_seconds`` pass."""
         import time
 
         from rich.live import Live
 
         c = self.console
-        c.print()
-        c.rule(f"[bold]{title}[/bold]")
-        c.print(blurb)
-        stats0, proxy0 = router.stats(), proxy.stats()
+        c.rule(f"[bold]{st.title}[/bold]")
+        c.print(st.blurb)
+        self._stats0, self._proxy0 = router.stats(), proxy.stats()
         rows: list[dict] = []
-        self._pending_note = None
-        def want_more() -> bool:
-            if len(rows) < count:
-                return True
-            return until is not None and len(rows) < 3 * count and not until(rows)
-
-        live_ctx = Live(self.table(title, rows), console=c, auto_refresh=False, transient=False) if self.live \
+        kinds: set[str] = set()
+        state = self.breaker_state(router)
+        if state != "closed":
+            since = f" (opened {time.monotonic() - self.opened_at:.1f} s ago)" if self.opened_at is not None else ""
+            c.print(f"  breaker at the start: {self.breaker(router)}{since}")
+        pace = self.pace_s if st.pace_s is None else st.pace_s
+        live_ctx = Live(self.table(st.title, rows), console=c, auto_refresh=False) if self.live \
             else contextlib.nullcontext()
-        if not self.live:
-            c.print(f"{'#':>4} {'image':>6}  {'true label':<12} {'answer':<12} {'source':<6} {'reason':<22} {'ms':>7}")
+        t0 = time.monotonic()
         with live_ctx as live:
             j = 0
-            while want_more():
-                if before is not None:
-                    before(j)
-                idx = self.next_image % len(self.labels)
-                self.next_image += 1
-                t0 = time.perf_counter()
-                p = router.predict(self.images[idx], deadline_ms=self.deadline_ms, privacy=privacy or None)
-                ms = (time.perf_counter() - t0) * 1000.0
-                row = {"n": j + 1, "image": idx, "label": int(self.labels[idx]), "pred": p.class_index, "answer": p.label,
-                       "source": p.source, "reason": p.reason.value + (" (fallback)" if p.fallback else ""),
-                       "fallback": p.fallback, "ms": ms, "ok": p.class_index == int(self.labels[idx])}
+            while True:
+                elapsed = time.monotonic() - t0
+                if len(rows) >= st.min_images and st.seen(rows):
+                    outcome = f"seen after {len(rows)} images ({elapsed:.1f} s): {st.condition}"
+                    ok = True
+                    break
+                if elapsed >= st.max_seconds:
+                    outcome = f"NOT seen: time bound {st.max_seconds:g} s passed ({len(rows)} images): {st.condition}"
+                    ok = False
+                    break
+                if st.before is not None:
+                    st.before(j)
+                row = self.one(router, j, privacy=st.privacy, state_before=state)
                 rows.append(row)
+                self.describe(j, row, kinds)
+                state = row["breaker_after"]
                 if self.live:
-                    live.update(self.table(title, rows), refresh=True)
-                else:
-                    c.print(self.line(row), markup=False)
+                    live.update(self.table(st.title, rows), refresh=True)
                 j += 1
-                if self.pace_s:
-                    time.sleep(self.pace_s)
+                if pace:
+                    time.sleep(pace)
+        c.print(f"  [{'green' if ok else 'yellow'}]{outcome}[/]")
+        s = self.summarize(rows)
         stats1, proxy1 = router.stats(), proxy.stats()
-        summary = self.summarize(rows)
-        summary["cloud_calls"] = stats1["cloud_attempts"] - stats0["cloud_attempts"]
-        summary["bytes_sent"] = stats1["bytes_sent"] - stats0["bytes_sent"]
-        summary["connections"] = proxy1.connections_accepted - proxy0.connections_accepted
-        summary["breaker"] = self.breaker(router)
-        self.results.append((short or title, summary))
-        if until is not None and not until(rows):
-            c.print(f"[yellow]  (stopped after {len(rows)} images before the scenario's condition was seen)[/yellow]")
-        self.print_summary(summary, privacy=privacy)
+        s["cloud_calls"] = stats1["cloud_attempts"] - self._stats0["cloud_attempts"]
+        s["bytes_sent"] = stats1["bytes_sent"] - self._stats0["bytes_sent"]
+        s["connections"] = proxy1.connections_accepted - self._proxy0.connections_accepted
+        s["breaker"] = self.breaker(router)
+        self.results.append((st.short, s))
+        self.print_summary(s, privacy=st.privacy)
+
+    def one(self, router, j: int, *, privacy: bool, state_before: str) -> dict:
+        import time
+
+        idx = self.next_image % len(self.labels)
+        self.next_image += 1
+        t0 = time.perf_counter()
+        p = router.predict(self.images[idx], deadline_ms=self.deadline_ms, privacy=privacy or None)
+        ms = (time.perf_counter() - t0) * 1000.0
+        label = int(self.labels[idx])
+        return {"n": j + 1, "image": idx, "label": label, "pred": p.class_index, "answer": p.label,
+                "source": p.source, "reason": p.reason.value, "fallback": p.fallback, "ms": ms,
+                "ok": p.class_index == label, "breaker_before": state_before,
+                "breaker_after": self.breaker_state(router)}
+
+    def describe(self, j: int, r: dict, kinds: set[str]) -> None:
+        """Log the first answer of each kind in the stage and every change of the breaker."""
+        import time
+
+        kind = f"{r['source']}/{r['reason']}" + (" (fallback)" if r["fallback"] else "")
+        if kind not in kinds:
+            kinds.add(kind)
+            self.event(j, f"first {kind}: {r['answer']} {'✓' if r['ok'] else '✗'} in {r['ms']:.1f} ms")
+        before, after = r["breaker_before"], r["breaker_after"]
+        if before == after:
+            return
+        if before == "half_open" and after == "closed" and r["source"] == "cloud":
+            self.event(j, f"half-open trial: cloud answered in {r['ms']:.1f} ms -> breaker closed")
+        elif before == "half_open" and after == "open":
+            self.event(j, "half-open trial failed -> breaker open again")
+        elif after == "open":
+            self.opened_at = time.monotonic()
+            self.event(j, "breaker opened: unsure requests stay on the device at once")
+        elif after == "half_open":
+            self.event(j, "breaker half-open: open period over; next escalation is a trial")
+        else:
+            self.event(j, f"breaker {before} -> {after}")
 
     def table(self, title: str, rows: list[dict]):
         from rich.table import Table
@@ -248,28 +315,24 @@ class _Demo:
             t.add_column(col, justify=just)
         for r in rows[-14:]:
             src = "[cyan]edge[/cyan]" if r["source"] == "edge" else "[magenta]cloud[/magenta]"
-            reason = f"[yellow]{r['reason']}[/yellow]" if r["fallback"] else r["reason"]
+            reason = r["reason"] + (" (fallback)" if r["fallback"] else "")
+            reason = f"[yellow]{reason}[/yellow]" if r["fallback"] else reason
             t.add_row(str(r["n"]), str(r["image"]), self.labels_name(r["label"]), r["answer"], src, reason,
                       f"{r['ms']:.1f}", "[green]✓[/green]" if r["ok"] else "[red]✗[/red]")
         return t
 
     def _caption(self, rows: list[dict]) -> str:
-        s = self.summarize(rows)
-        note = f"\n{self._pending_note}" if getattr(self, "_pending_note", None) else ""
         if not rows:
-            return "waiting for the first answer ..." + note
+            return "waiting for the first answer ..."
+        s = self.summarize(rows)
         return (f"{s['n']} answered, accuracy {s['accuracy']:.1%}, escalated {s['escalated']}, "
-                f"fallbacks {s['fallbacks']}, max latency {s['max_ms']:.1f} ms" + note)
+                f"fallbacks {s['fallbacks']}, max latency {s['max_ms']:.1f} ms, breaker {rows[-1]['breaker_after']}")
 
     @staticmethod
     def labels_name(i: int) -> str:
         from router_tools.datasets import LABELS
 
         return LABELS[i]
-
-    def line(self, r: dict) -> str:
-        return (f"{r['n']:>4} {r['image']:>6}  {self.labels_name(r['label']):<12} {r['answer']:<12} {r['source']:<6} "
-                f"{r['reason']:<22} {r['ms']:>7.1f}  {'✓' if r['ok'] else '✗'}")
 
     def summarize(self, rows: list[dict]) -> dict:
         import numpy as np
@@ -278,9 +341,6 @@ class _Demo:
         edge_ms = [r["ms"] for r in rows if r["source"] == "edge" and not r["fallback"]]
         fallback_ms = [r["ms"] for r in rows if r["fallback"]]
         cloud_ms = [r["ms"] for r in rows if r["source"] == "cloud"]
-        reasons: dict[str, int] = {}
-        for r in rows:
-            reasons[f"{r['source']}/{r['reason']}"] = reasons.get(f"{r['source']}/{r['reason']}", 0) + 1
         return {
             "n": len(rows),
             "accuracy": float(np.mean([r["ok"] for r in rows])) if rows else 0.0,
@@ -293,80 +353,85 @@ class _Demo:
             "cloud_mean_ms": float(np.mean(cloud_ms)) if cloud_ms else None,
             "fallback_max_ms": float(np.max(fallback_ms)) if fallback_ms else None,
             "within_deadline": int((ms <= self.deadline_ms).sum()),
-            "reasons": reasons,
         }
 
     def print_summary(self, s: dict, *, privacy: bool) -> None:
         c = self.console
-        lat = f"latency mean {s['mean_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, max {s['max_ms']:.1f} ms"
+        c.print(f"  {s['n']} answered, accuracy {s['accuracy']:.1%}, escalated {s['escalated']}, "
+                f"fallbacks {s['fallbacks']}, in {self.deadline_ms:g} ms: {s['within_deadline']}/{s['n']}")
+        lat = [f"mean {s['mean_ms']:.1f}", f"max {s['max_ms']:.1f}"]
         if s["edge_mean_ms"] is not None:
-            lat += f"; answered on the edge {s['edge_mean_ms']:.2f} ms mean"
+            lat.append(f"edge mean {s['edge_mean_ms']:.2f}")
         if s["cloud_mean_ms"] is not None:
-            lat += f", escalated {s['cloud_mean_ms']:.1f} ms mean"
+            lat.append(f"cloud mean {s['cloud_mean_ms']:.1f}")
         if s["fallback_max_ms"] is not None:
-            lat += f", fallbacks {s['fallback_max_ms']:.1f} ms max"
-        c.print(f"[bold]summary:[/bold] {s['n']} answered, accuracy {s['accuracy']:.1%}, escalated {s['escalated']} "
-                f"({s['escalated'] / max(1, s['n']):.0%}), fallbacks {s['fallbacks']}")
-        c.print(f"  {lat}")
-        c.print(f"  within the {self.deadline_ms:g} ms deadline: {s['within_deadline']}/{s['n']}; "
-                f"cloud calls {s['cloud_calls']}, bytes sent {s['bytes_sent']:,}, new connections {s['connections']}; "
+            lat.append(f"fallback max {s['fallback_max_ms']:.1f}")
+        c.print(f"  ms: {', '.join(lat)}")
+        c.print(f"  cloud calls {s['cloud_calls']}, {s['bytes_sent']:,} B sent, new connections {s['connections']}; "
                 f"breaker {s['breaker']}")
-        c.print("  answers: " + ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items())))
         if privacy:
             ok = s["cloud_calls"] == 0 and s["connections"] == 0 and s["escalated"] == 0
             c.print(f"  [{'green' if ok else 'red'}]privacy: {s['cloud_calls']} cloud calls, {s['connections']} "
-                    f"connections through the network -- {'nothing left the device' if ok else 'VIOLATED'}[/]")
+                    f"connections: {'nothing left the device' if ok else 'VIOLATED'}[/]")
 
     def final_summary(self, router) -> None:
+        from rich import box
         from rich.table import Table
 
         c = self.console
-        c.print()
         c.rule("[bold]Summary[/bold]")
-        from rich import box
-
-        t = Table(box=box.SIMPLE_HEAD)
-        for col in ("scenario", "images", "accuracy", "escalated", "fallbacks", "cloud calls", "mean ms", "max ms",
-                    "in deadline"):
-            t.add_column(col, justify="left" if col == "scenario" else "right")
+        # fits 80 columns: short headers, no outer padding
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0))
+        for col in ("stage", "images", "acc.", "escal.", "fallb.", "calls", "mean ms", "max ms", "in time"):
+            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
         for title, s in self.results:
             t.add_row(title, str(s["n"]), f"{s['accuracy']:.1%}", str(s["escalated"]), str(s["fallbacks"]),
                       str(s["cloud_calls"]), f"{s['mean_ms']:.1f}", f"{s['max_ms']:.1f}", f"{s['within_deadline']}/{s['n']}")
         c.print(t)
         st = router.stats()
-        c.print(f"router totals: {st['requests']} requests, escalation rate {st['escalation_rate']:.1%}, "
-                f"{st['fallbacks']} fallbacks, {st['cloud_attempts']} cloud calls, {st['bytes_sent']:,} bytes sent")
+        c.print(f"router totals: {st['requests']} requests, {st['escalation_rate']:.1%} escalated, "
+                f"{st['fallbacks']} fallbacks, {st['cloud_attempts']} cloud calls")
 
     def check_clean(self) -> None:
         """After everything stopped: the service process is gone and both ports refuse connections."""
         import os
         import socket
 
-        c = self.console
+        from router.errors import RouterError
+
         leftovers = []
-        for pid in {self.service_pid}:
-            try:
-                os.kill(pid, 0)
-                leftovers.append(f"process {pid}")
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                leftovers.append(f"process {pid}")
+        try:
+            os.kill(self.service_pid, 0)
+            leftovers.append(f"process {self.service_pid}")
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            leftovers.append(f"process {self.service_pid}")
         for port in (self.service_port, self.proxy_port):
             with socket.socket() as s:
                 s.settimeout(1.0)
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     leftovers.append(f"port {port}")
         if leftovers:
-            c.print(f"[red]not clean: {', '.join(leftovers)} still there[/red]")
-            from router.errors import RouterError
-
             raise RouterError(f"demo left {', '.join(leftovers)} behind")
-        c.print(f"clean exit: cloud service (pid {self.service_pid}) stopped, ports {self.service_port} and "
-                f"{self.proxy_port} closed")
+        self.console.print(f"clean exit: service (pid {self.service_pid}) stopped, ports {self.service_port} "
+                           f"and {self.proxy_port} closed")
 
 
-def _start_error(svc):
+def _any(rows: list[dict], source: str, reason: Optional[str] = None) -> bool:
+    return any(r["source"] == source and (reason is None or r["reason"] == reason) for r in rows)
+
+
+def _recovered(rows: list[dict]) -> bool:
+    """A half-open trial went to the cloud and closed the breaker, and another escalation followed it."""
+    for i, r in enumerate(rows):
+        if r["breaker_before"] == "half_open" and r["breaker_after"] == "closed" and r["source"] == "cloud":
+            return any(later["source"] == "cloud" for later in rows[i + 1:])
+    return False
+
+
+def _start_error(svc, exc: Optional[BaseException]):
     from cloud_service.launch import ServiceStartError
 
-    return ServiceStartError(f"the cloud service did not come back:\n{svc.log_text()[-1500:]}")
+    why = f"{type(exc).__name__}: {exc}" if exc is not None else "it is not running"
+    return ServiceStartError(f"the cloud service did not come back ({why}); log: {svc.log_path}")
