@@ -26,7 +26,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -48,6 +48,16 @@ from router.reload import PolicyWatcher, guard_privacy
 from router.telemetry import Telemetry
 
 log = logging.getLogger("router")
+
+
+# What the first escalation imported lazily (anyio defers its backend until first use), measured
+# by diffing sys.modules around a first request; imported at construction instead, because an
+# import on the I/O thread holds the GIL that a caller needs to return at its deadline.
+_FIRST_REQUEST_MODULES = (
+    "sniffio", "anyio.abc", "anyio.lowlevel", "anyio.to_thread", "anyio.streams.memory", "anyio.streams.stapled",
+    "anyio.streams.tls", "anyio._core._sockets", "anyio._core._synchronization", "anyio._core._tasks",
+    "anyio._backends._asyncio", "httpcore._async.connection_pool", "httpcore._async.http11", "httpcore._backends.anyio",
+)
 
 
 @dataclass(frozen=True)
@@ -147,9 +157,16 @@ class Router:
         if policy.privacy_mode or not policy.cloud.endpoints:
             return
         self._cloud.prepare(policy.cloud)
+        import importlib
+
         import httpx
 
-        httpx.AsyncClient(trust_env=False, verify=False)  # first construction imports and builds httpcore's pool types
+        for name in _FIRST_REQUEST_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # another anyio/httpcore layout: that request pays, nothing breaks
+                pass
+        httpx.AsyncClient(trust_env=False, verify=False)  # first construction builds httpcore's pool types
         ex = self._local_executor()
         for f in [ex.submit(time.sleep, 0) for _ in range(ex._max_workers)]:  # spawn the workers now
             f.result()
@@ -348,16 +365,14 @@ class Router:
 
     def _cloud_sync(self, call: CloudCall):
         io = self._start_io()
-        fut = io.submit(self._cloud.infer(call))
+        fut = io.submit(self._cloud.infer(_late(call)))
         try:
             # The attempt's absolute end, not a length from when the I/O loop gets to it.
             return fut.result(call.remaining_s())
         except concurrent.futures.TimeoutError:
-            fut.cancel()
-            err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms",
-                               endpoint=call.state.endpoint.label)
-            err.elapsed_s = call.timeout_s
-            return err
+            # Not cancelled from here: the attempt ends itself just after (see _late), so its
+            # clean-up does not compete for the GIL with this caller's answer.
+            return _timed_out(call)
 
     # ------------------------------------------------------------------ async shell
 
@@ -404,15 +419,14 @@ class Router:
         return outcome.predictions
 
     async def _cloud_async(self, call: CloudCall):
-        try:
-            # infer() bounds itself; this holds the attempt to its absolute end as well.
-            async with asyncio.timeout(call.remaining_s()):
-                return await self._cloud.infer(call)
-        except TimeoutError:
-            err = CloudTimeout(f"{call.state.endpoint.label}: no answer within {call.timeout_s * 1000:.0f} ms",
-                               endpoint=call.state.endpoint.label)
-            err.elapsed_s = call.timeout_s
-            return err
+        # The attempt runs as its own task so that at the deadline this request answers first and
+        # the attempt's cancellation (httpx closing the connection) runs after, on a later loop turn.
+        task = asyncio.ensure_future(self._cloud.infer(_late(call)))
+        done, _ = await asyncio.wait((task,), timeout=call.remaining_s())
+        if done:
+            return task.result()
+        task.cancel()
+        return _timed_out(call)
 
     def _local_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -523,6 +537,23 @@ class Router:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+# How long after its caller stopped waiting an attempt is left to end by itself.
+_LATE_S = 0.005
+
+
+def _late(call: CloudCall) -> CloudCall:
+    """The attempt as the network side runs it: ending ``_LATE_S`` after the caller's deadline,
+    so the caller always gives up first and answers before any clean-up runs."""
+    return replace(call, timeout_s=call.timeout_s + _LATE_S, deadline=call.deadline + _LATE_S)
+
+
+def _timed_out(call: CloudCall) -> CloudTimeout:
+    label = call.state.endpoint.label
+    err = CloudTimeout(f"{label}: no answer within {call.timeout_s * 1000:.0f} ms", endpoint=label)
+    err.elapsed_s = call.timeout_s
+    return err
 
 
 def _default_labels():
