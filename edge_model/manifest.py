@@ -110,3 +110,22 @@ def sha256_file(path: str | Path) -> str:
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return h.hexdigest()
+
+
+def read_verified(path: str | Path, sha256: str | None) -> bytes:
+    """The file's bytes, read once and checked against ``sha256`` (None: not checked).
+
+    Callers build from these bytes, never by reopening the path: a file swapped between a
+    check and a later open would otherwise be loaded unchecked.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise ArtifactError(
+                f"{path}: sha256 {actual[:12]}... does not match the manifest's {sha256[:12]}... (file changed or corrupt)"
+            )
+    return data

@@ -1,6 +1,6 @@
 """ONNX Runtime wrapper for a shipped classifier artifact (edge INT8 or cloud FP32).
 
-``OnnxClassifier`` loads a manifest, verifies the sha256 of the ONNX file, keeps one shared
+``OnnxClassifier`` loads a manifest, reads the ONNX file once, verifies its sha256 and builds one shared
 ``onnxruntime.InferenceSession`` (thread-safe for concurrent ``run`` calls), warms it up, and
 returns temperature-calibrated probabilities. onnxruntime's exceptions are translated here,
 where they enter: :class:`ArtifactError` at load, :class:`InferenceError` at run.
@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_model.calibration import calibrated_softmax
 from edge_model.errors import ArrayInputError, ArtifactError, InferenceError
-from edge_model.manifest import Manifest, sha256_file
+from edge_model.manifest import Manifest, read_verified
 from edge_model.preprocess import ImageInput, PreprocessConfig, preprocess, preprocess_batch
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
@@ -46,18 +46,13 @@ class OnnxClassifier:
         self.model_path = self.manifest_path.parent / self.manifest.file
         if not self.model_path.is_file():
             raise ArtifactError(f"{self.model_path}: model file named by {self.manifest_path.name} not found")
-        if options.verify_sha256:
-            actual = sha256_file(self.model_path)
-            if actual != self.manifest.sha256:
-                raise ArtifactError(
-                    f"{self.model_path}: sha256 {actual[:12]}... does not match the manifest's "
-                    f"{self.manifest.sha256[:12]}... (file changed or corrupt)"
-                )
+        # Verify-then-load on one read: the session is built from the very bytes that were hashed.
+        model_bytes = read_verified(self.model_path, self.manifest.sha256 if options.verify_sha256 else None)
         self.labels: tuple[str, ...] = tuple(self.manifest.labels)
         self.temperature = float(self.manifest.temperature)
         self.input_name = self.manifest.input.name
         self.preprocess_config = preprocess_config or PreprocessConfig.from_input_spec(self.manifest.input)
-        self._session = _make_session(self.model_path, options)
+        self._session = _make_session(model_bytes, self.model_path, options)
         inputs = {i.name: i for i in self._session.get_inputs()}
         if self.input_name not in inputs:
             raise ArtifactError(f"{self.model_path}: manifest input {self.input_name!r} not among the graph's inputs {list(inputs)}")
@@ -145,7 +140,7 @@ class OnnxClassifier:
         return self.predict_proba(self.preprocess_batch(images))
 
 
-def _make_session(path: Path, options: SessionOptions):
+def _make_session(model: bytes, path: Path, options: SessionOptions):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -154,7 +149,7 @@ def _make_session(path: Path, options: SessionOptions):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ArtifactError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
 
