@@ -1,6 +1,8 @@
 """The accuracy-vs-escalation curve as a PNG (matplotlib, Agg backend: no display needed).
 
-Needs the ``eval`` extra (matplotlib); :class:`PlotError` says so when it is missing.
+Needs the ``plot`` extra (matplotlib); :class:`PlotError` says so when it is missing. Commands
+call :func:`require_matplotlib` before they write anything, so a missing extra never leaves half
+of their outputs behind.
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ class PlotError(RouterError):
     pass
 
 
+INSTALL_HINT = "pip install 'hybrid-edge-router-tools[plot]'"
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), or :class:`PlotError` naming the extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        why = "is not installed" if getattr(exc, "name", None) == "matplotlib" else f"cannot be imported ({exc})"
+        raise PlotError(f"plots need matplotlib, which {why}: {INSTALL_HINT}") from None
+    return plt
+
+
 def plot_curve(s: Sweep, path: str | Path, *, title: str = "Accuracy vs escalation",
                chosen: Optional[tuple[float, float, str]] = None,
                points: Sequence[tuple[float, float, str]] = ()) -> Path:
@@ -23,13 +41,7 @@ def plot_curve(s: Sweep, path: str | Path, *, title: str = "Accuracy vs escalati
 
     Points are ``(escalation in [0, 1], accuracy in [0, 1], label)``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise PlotError(f"drawing the curve needs matplotlib (pip install 'hybrid-router[eval]'): {exc}") from None
+    plt = require_matplotlib()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
     try:

@@ -46,6 +46,11 @@ def _split_comment(rest: str) -> tuple[str, str]:
 def set_scalar(text: str, path: Sequence[str], value: str, *, source: str = "<policy>") -> str:
     """``text`` with the scalar at ``path`` (e.g. ``("confidence_threshold",)`` or
     ``("edge", "manifest")``) set to the YAML scalar text ``value``; the key is added when absent."""
+    return _set_scalar(text, path, value, source)[0]
+
+
+def _set_scalar(text: str, path: Sequence[str], value: str, source: str) -> tuple[str, int]:
+    """:func:`set_scalar`, and the index of the line that now holds the key."""
     lines = text.splitlines(keepends=True)
     newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
     start, end, indent = 0, len(lines), 0  # the block searched: lines[start:end] at this indentation
@@ -65,14 +70,14 @@ def set_scalar(text: str, path: Sequence[str], value: str, *, source: str = "<po
                 if end > 0 and not lines[end - 1].endswith(("\n", "\r")):
                     lines[end - 1] += newline
                 lines.insert(end, new)
-                return "".join(lines)
+                return "".join(lines), end
             # a missing parent block: append it with the rest of the path beneath
             block = "".join(f"{' ' * (indent + 2 * j)}{k}:{newline}" for j, k in enumerate(path[depth:-1]))
             block += f"{' ' * (indent + 2 * (len(path) - 1 - depth))}{path[-1]}: {value}{newline}"
             if end > 0 and not lines[end - 1].endswith(("\n", "\r")):
                 lines[end - 1] += newline
             lines.insert(end, block)
-            return "".join(lines)
+            return "".join(lines), end + len(path) - 1 - depth
         i, m = hits[0]
         current, comment = _split_comment(m.group("rest"))
         if last:
@@ -80,7 +85,7 @@ def set_scalar(text: str, path: Sequence[str], value: str, *, source: str = "<po
                 raise PolicyEditError(f"{source}:{i + 1}: {dotted} is not a plain one-line value; edit it by hand")
             eol = newline if lines[i].endswith(("\n", "\r")) else ""
             lines[i] = f"{m.group('indent')}{key}: {value}{comment}{eol}"
-            return "".join(lines)
+            return "".join(lines), i
         if current not in ("", "null", "~"):
             raise PolicyEditError(f"{source}:{i + 1}: {dotted} is written inline ({current!r}); edit it by hand")
         # the child block: following lines indented deeper than this key (comments/blank lines inside)
@@ -100,13 +105,42 @@ def set_scalar(text: str, path: Sequence[str], value: str, *, source: str = "<po
     raise PolicyEditError(f"{source}: empty key path")  # pragma: no cover
 
 
-def edit_policy(text: str, changes: dict[tuple[str, ...], Any], *, source: str = "<policy>") -> str:
-    """Apply ``{path: python value}`` to the policy text and check the result validates and reads back."""
+_PROVENANCE = re.compile(r"^[ ]*#[ ]*chosen by\b", re.IGNORECASE)
+
+
+def set_provenance(text: str, line: int, note: str) -> str:
+    """``text`` with the ``# Chosen by ...`` comment directly above line ``line`` (among the comment
+    lines that lead up to it) replaced by ``# note``, or that comment added just above the line.
+
+    The operator's other comments stay; only the line that says where the value came from changes,
+    so it cannot go on describing a value that is no longer there."""
+    lines = text.splitlines(keepends=True)
+    newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
+    indent = lines[line][: len(lines[line]) - len(lines[line].lstrip(" "))]
+    new = f"{indent}# {' '.join(note.split())}{newline}"  # one line whatever the note holds
+    i = line - 1
+    while i >= 0 and lines[i].strip().startswith("#"):
+        if _PROVENANCE.match(lines[i]):
+            lines[i] = new
+            return "".join(lines)
+        i -= 1
+    lines.insert(line, new)
+    return "".join(lines)
+
+
+def edit_policy(text: str, changes: dict[tuple[str, ...], Any], *, source: str = "<policy>",
+                notes: dict[tuple[str, ...], str] | None = None) -> str:
+    """Apply ``{path: python value}`` to the policy text and check the result validates and reads back.
+
+    ``notes`` (``{path: text}``) set the ``# Chosen by ...`` comment above a changed key
+    (:func:`set_provenance`)."""
     from router.policy import parse_policy
 
     new = text
     for path, value in changes.items():
-        new = set_scalar(new, path, yaml_scalar(value), source=source)
+        new, line = _set_scalar(new, path, yaml_scalar(value), source)
+        if notes and path in notes:
+            new = set_provenance(new, line, notes[path])
     try:
         data = yaml.safe_load(new)
     except yaml.YAMLError as exc:

@@ -56,16 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from edge_model.errors import EdgeModelError
-    from router.errors import RouterError
-
-    try:
-        return _run(args)
-    except (RouterError, EdgeModelError) as exc:
-        print(f"calibrate: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    # typed errors (ConfigError, PlotError, ...) are reported in one line, exit 2, by router_tools.cli
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,6 +75,10 @@ def _run(args: argparse.Namespace) -> int:
     from router_tools.policy_edit import edit_policy, unified_diff, write_atomic
     from router_tools.scoring import V2BatchClient, model_logits, model_probs
 
+    if args.plot:  # before anything is computed or written: a missing extra must not leave half the outputs
+        from router_tools.plotting import require_matplotlib
+
+        require_matplotlib()
     console = Console(stderr=False, highlight=False)
     root = Path(__file__).resolve().parent.parent.parent
     policy_path = Path(args.config or args.write or DEFAULT_POLICY_PATH)
@@ -167,7 +163,9 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"edge model with temperature {t1:.4g} written to {written_manifest}")
     if args.write or args.print_patch:
         old = policy_path.read_text()
-        new = edit_policy(old, changes, source=str(policy_path))
+        note = (f"Chosen by `{command_line(args)}` on {data.name} (n={s.n}, edge model {edge.version}): "
+                f"{p.escalation:.1%} escalated, accuracy {p.accuracy:.2%}.")
+        new = edit_policy(old, changes, source=str(policy_path), notes={("confidence_threshold",): note})
         if args.print_patch:
             patch = unified_diff(old, new, str(policy_path))
             print(patch, end="") if patch else print(f"# {policy_path}: already up to date")
@@ -200,6 +198,23 @@ def _run(args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The calibrate command that chose the threshold (what decides it; not where outputs went)."""
+    import shlex
+
+    parts = ["hybrid-router", "calibrate"]
+    for flag in ("target_escalation", "target_accuracy", "max_accuracy_drop", "data", "limit", "edge_manifest",
+                 "cloud_manifest", "cloud_url"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), shlex.quote(str(value))]
+    if args.data is None and args.split != "validation":
+        parts += ["--split", args.split]
+    if args.refit_temperature:
+        parts.append("--refit-temperature")
+    return " ".join(parts)
 
 
 def _write_edge_model(edge, manifest_path, out_dir, temperature: float, data_name: str, ece: float):

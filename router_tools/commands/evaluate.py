@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--config", metavar="POLICY", help="routing policy (default: config/policy.yaml); its "
                      "endpoint URL is replaced by the service under test")
     run.add_argument("--cloud-url", help="evaluate against this running v2 service instead of starting one")
+    run.add_argument("--edge-manifest", metavar="PATH", help="edge model manifest (default: the policy's, else the shipped INT8)")
+    run.add_argument("--cloud-manifest", metavar="PATH", help="cloud model manifest the local service serves "
+                     "(default: the shipped cloud model; not with --cloud-url)")
     run.add_argument("--threshold", type=float, help="override the policy's confidence threshold")
     run.add_argument("--deadline-ms", type=float, help="per-request deadline (default: the policy's)")
     run.add_argument("--concurrency", type=int, default=2,
@@ -52,19 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from edge_model.errors import EdgeModelError
-    from router.errors import RouterError
-    from router_tools.netsim import NetsimError
-
-    try:
-        if args.models_only:
-            return _models_only(args)
-        return _run(args)
-    except (RouterError, EdgeModelError, NetsimError) as exc:
-        print(f"eval: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    # typed errors (ConfigError, PlotError, NetsimError, ...) are reported in one line, exit 2, by router_tools.cli
+    if args.models_only:
+        return _models_only(args)
+    return _run(args)
 
 
 def _console():
@@ -144,8 +138,24 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be within [0, 1]; got {args.threshold}")
     if args.deadline_ms is not None and not args.deadline_ms > 0:
         raise ConfigError(f"--deadline-ms must be > 0; got {args.deadline_ms}")
+    if args.cloud_manifest and args.cloud_url:
+        raise ConfigError("--cloud-manifest sets the model of the local service; with --cloud-url the service at "
+                          "that URL decides")
+    for flag, path in (("--edge-manifest", args.edge_manifest), ("--cloud-manifest", args.cloud_manifest)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{path}: {flag}: manifest file not found")
+    if args.report:  # before the service starts or anything is written: a missing extra must not leave half
+        from router_tools.plotting import require_matplotlib
+
+        require_matplotlib()
     console = _console()
     policy = load_policy(args.config)
+    if args.edge_manifest:
+        from router.policy import parse_policy
+
+        data = policy.model_dump(mode="json")
+        data["edge"]["manifest"] = str(Path(args.edge_manifest).resolve())
+        policy = parse_policy(data, "--edge-manifest")
     profile = profile_from_namespace(args)
     from edge_model.manifest import Manifest
     from edge_model.preprocess import PreprocessConfig
@@ -162,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
             from cloud_service.launch import LocalService
 
             console.print("starting the cloud service on a free loopback port ...")
-            svc = stack.enter_context(LocalService())
+            overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else None
+            svc = stack.enter_context(LocalService(overrides=overrides))
             cloud_url = svc.url
             console.print(f"cloud service ready at {cloud_url} (pid {svc.pid})")
         proxy = None
@@ -232,7 +243,7 @@ def command_line(args: argparse.Namespace) -> str:
     import shlex
 
     parts = ["hybrid-router", "eval"]
-    for flag in ("data", "split", "limit", "config", "cloud_url", "threshold", "deadline_ms", "concurrency",
+    for flag in ("data", "split", "limit", "config", "cloud_url", "edge_manifest", "cloud_manifest", "threshold", "deadline_ms", "concurrency",
                  "baseline_limit", "network", "rtt_ms", "jitter_ms", "loss", "seed"):
         value = getattr(args, flag, None)
         if value is None or (flag, value) in (("split", "test"), ("concurrency", 2), ("baseline_limit", 1000), ("seed", 0)):
