@@ -31,6 +31,7 @@ built with the same guarantees. An API key never goes over plain http to a non-l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -423,15 +424,19 @@ class CloudClient:
                 raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
                                          "(max_response_bytes)", endpoint=ep.label)
             buf = bytearray()
-            async for chunk in r.aiter_bytes():
-                buf += chunk
-                if len(buf) > limit:
-                    if ok:
-                        raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap "
-                                                 "(max_response_bytes)", endpoint=ep.label)
-                    del buf[limit:]
-                    break
-            return r.status_code, r.headers, bytes(buf)
+            # Leave the loop by break, not raise, and close httpx's generators here: an exception's
+            # traceback would keep them alive until some other thread drops it.
+            async with contextlib.aclosing(r.aiter_bytes()) as chunks:
+                async for chunk in chunks:
+                    buf += chunk
+                    if len(buf) > limit:
+                        break
+        if len(buf) > limit:
+            if ok:
+                raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap (max_response_bytes)",
+                                         endpoint=ep.label)
+            del buf[limit:]
+        return r.status_code, r.headers, bytes(buf)
 
     async def fetch_metadata(self, state: EndpointState, timeout_s: float) -> ModelInfo:
         ep = state.endpoint
