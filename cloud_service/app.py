@@ -582,16 +582,26 @@ class HardenedHttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        # Heads that arrived within one read are measured here (data_received sees only unfinished ones).
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._limits.max_header_bytes:
+            self._answer(431, "Request Header Fields Too Large",
+                         f"request line and headers exceed {self._limits.max_header_bytes} bytes")
+            return
         super().on_headers_complete()
         if self._expects_body():
             self._arm_body_timer()
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
         super().on_body(body)
         if self._body_timer is not None:
             self._arm_body_timer()
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -649,6 +659,8 @@ class HardenedHttpProtocol(HttpToolsProtocol):
                          "(is Content-Length larger than the body?)")
 
     def _answer(self, status: int, reason: str, message: str, extra: bytes = b"") -> None:
+        """Answer at the protocol level and close; nothing more is read from this connection."""
+        self._refused = True
         self._cancel_timers()
         if not self.transport.is_closing():
             self.transport.write(_json_response(status, reason, message, extra))

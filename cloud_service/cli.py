@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         problem = check_startup(settings)
         if problem is not None:
-            print(f"hybrid-router serve: start-up would fail: {problem}", file=sys.stderr)
+            source = args.config or os.environ.get("HYBRID_CLOUD_CONFIG") or "defaults/environment"
+            print(f"hybrid-router serve: start-up would fail ({source}): {problem}", file=sys.stderr)
             return STARTUP_FAILURE
         print(settings.model_dump_json(indent=2))  # SecretStr prints as '**********'
         return 0
@@ -141,7 +142,7 @@ def check_startup(settings) -> str | None:
         asyncio.run(start_and_stop())
     except (SettingsError, EdgeModelError, ServiceError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"model.manifest {settings.model.manifest}: {first}" if isinstance(exc, EdgeModelError) else first
+        return f"model.manifest: {first}" if isinstance(exc, EdgeModelError) else first
     return None
 
 
@@ -153,7 +154,29 @@ def log_config(level: str) -> dict:
     config["formatters"]["default"]["fmt"] = "%(asctime)s %(levelprefix)s %(message)s"
     config["formatters"]["access"]["fmt"] = '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
     config["loggers"]["cloud_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    if level != "debug":
+        config.setdefault("filters", {})["one_line"] = {"()": "cloud_service.cli.OneLineTracebacks"}
+        config["handlers"]["default"]["filters"] = ["one_line"]
     return config
+
+
+class OneLineTracebacks(logging.Filter):
+    """Start-up failures as one line (``ArtifactError: ...: manifest not found``), not a traceback.
+
+    uvicorn logs a failed lifespan start-up as the full traceback text Starlette formatted; an
+    operator needs its last line. ``--log-level debug`` keeps the tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Traceback (most recent call last)"):
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            record.msg, record.args = f"start-up failed: {last.strip()}", ()
+        elif record.exc_info and record.exc_info[1] is not None and msg.startswith("Exception in 'lifespan'"):
+            exc = record.exc_info[1]
+            record.msg, record.args = f"{msg.strip()}: {type(exc).__name__}: {exc}", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def serve(settings, fd: int | None = None) -> int:

@@ -64,3 +64,35 @@ def test_several_workers_share_the_socket_and_the_settings():
     log = svc.log_text()
     assert log.count("Application startup complete") == 2
     assert key not in log
+
+
+def test_sigterm_is_a_clean_shutdown_with_exit_code_0():
+    svc = LocalService()
+    with svc:
+        with client(svc) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+    assert svc.returncode == 0  # uvicorn re-raised SIGTERM after shutting down: was 143
+    assert "Application shutdown complete" in svc.log_text()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_worker_processes_get_the_keys_without_the_environment(tmp_path):
+    key = "pipe-only-key-" + "p" * 16
+    config = tmp_path / "cloud.yaml"  # keys in a file, so the parent's environment has none either
+    config.write_text(f"server:\n  workers: 2\nauth:\n  api_keys: [{key}]\n")
+    with LocalService(config) as svc:
+        assert httpx.get(svc.url + "/v2", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+        workers = _children(svc.pid)
+        assert workers, "no worker processes found"
+        for pid in workers:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read()
+            assert key.encode() not in environ and b"HYBRID_CLOUD_SETTINGS_JSON" not in environ

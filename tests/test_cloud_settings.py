@@ -187,3 +187,47 @@ def test_protocol_and_settings_do_not_import_the_web_stack():
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def _run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRID_CLOUD")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "cloud_service", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_check_loads_the_model_as_start_up_would(tmp_path):
+    broken = tmp_path / "broken-manifest.json"
+    broken.write_text("{}")
+    config = write(tmp_path, f"model:\n  manifest: {broken}\n")
+    result = _run_cli("--config", str(config), "--check")
+    assert result.returncode == cli.STARTUP_FAILURE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert str(config) in lines[0] and "model.manifest" in lines[0] and "broken-manifest.json" in lines[0]
+
+
+def test_cli_config_errors_are_one_line_exit_2(tmp_path):
+    config = write(tmp_path, "server:\n  port: [1]\nlimits:\n  max_decoded_bytes: 1\n")
+    for args, env in (((("--config", str(config))), None),
+                      ((), {"HYBRID_CLOUD__SERVER__HEADER_TIMEOUT_S": "-1"})):
+        result = _run_cli(*args, env_extra=env)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert str(config) in _run_cli("--config", str(config)).stderr
+    assert "server.header_timeout_s" in result.stderr and "HYBRID_CLOUD__SERVER__HEADER_TIMEOUT_S" in result.stderr
+
+
+def test_manifest_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = write(tmp_path, "model:\n  manifest: ~/models/m.json\n")
+    assert load_settings(config, env={}).model.manifest == tmp_path / "models" / "m.json"
+    assert load_settings(None, env={"HYBRID_CLOUD__MODEL__MANIFEST": "~/x.json"}).model.manifest == tmp_path / "x.json"
+
+
+def test_decode_budget_must_hold_one_image(tmp_path):
+    config = write(tmp_path, "limits:\n  max_decoded_bytes: 200000000\n  decode_budget_bytes: 100000000\n")
+    with pytest.raises(SettingsError, match="limits: .*max_decoded_bytes .* exceeds decode_budget_bytes"):
+        load_settings(config, env={})
