@@ -29,7 +29,10 @@ def _run(policy: dict, call_kwargs: dict, n: int = 200) -> dict:
         with Router(policy) as r:
             preds = [r.predict(img, **json.loads({json.dumps(json.dumps(call_kwargs))})) for img in test.images[:{n}]]
             preds += r.predict_batch(list(test.images[{n}:{n} + 50]), **json.loads({json.dumps(json.dumps(call_kwargs))}))
-        print(json.dumps({{"events": events, "reasons": sorted({{p.reason.value for p in preds}}),
+        import threading
+        network_work = sorted(m for m in sys.modules if m.startswith(("anyio._backends", "httpcore._backends")))
+        network_work += [t.name for t in threading.enumerate() if t.name == "router-io"]
+        print(json.dumps({{"events": events, "network_work": network_work, "reasons": sorted({{p.reason.value for p in preds}}),
                            "sources": sorted({{p.source for p in preds}}),
                            "min_conf": min(p.confidence for p in preds)}}))
         """
@@ -47,6 +50,7 @@ NETWORKED = {"cloud": {"endpoints": [{"url": "http://cloud.example.invalid:8000"
 def test_privacy_mode_opens_no_socket():
     result = _run({**NETWORKED, "privacy_mode": True}, {})
     assert result["events"] == []
+    assert result["network_work"] == []  # no async network stack loaded, no I/O thread
     assert result["sources"] == ["edge"] and result["reasons"] == ["privacy"]
     assert result["min_conf"] < 0.999  # low-confidence requests were among them, and still stayed local
 
@@ -54,6 +58,7 @@ def test_privacy_mode_opens_no_socket():
 def test_per_call_privacy_opens_no_socket():
     result = _run(NETWORKED, {"privacy": True})
     assert result["events"] == []
+    assert "router-io" not in result["network_work"]  # (privacy off in the policy: the stack is warmed, unused)
     assert result["reasons"] == ["privacy"]
 
 
