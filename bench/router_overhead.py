@@ -10,8 +10,8 @@ noise hits them alike; the result is printed as ratios of medians. Goal: predict
 Variants:
   raw       edge.session.run(["logits"], {"input": x[None]})       the floor: ONNX Runtime alone
   proba     edge.predict_proba(x[None])                             + temperature softmax
-  predict   router.predict(x)                                       the whole confident path
-  apredict  await router.apredict(x) inside one running loop        the async front-end (one thread hop)
+  predict   router.predict(x, normalised=True)                      the whole confident path
+  apredict  await router.apredict(x, normalised=True) in one loop   the async front-end (one thread hop)
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     def run_predict(n):
         for i in range(n):
-            p = router.predict(confident[i % len(confident)])
+            p = router.predict(confident[i % len(confident)], normalised=True)
         assert p.source == "edge" and p.reason.value == "confident"
 
     loop = asyncio.new_event_loop()
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     def run_apredict(n):
         async def go():
             for i in range(n):
-                await router.apredict(confident[i % len(confident)])
+                await router.apredict(confident[i % len(confident)], normalised=True)
 
         loop.run_until_complete(go())
 
