@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,6 +36,13 @@ def _status_field(name: str) -> int:
 def gauges() -> Gauges:
     return Gauges(rss_kb=_status_field("VmRSS"), fds=len(os.listdir("/proc/self/fd")),
                   os_threads=_status_field("Threads"), py_threads=threading.active_count())
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (``with`` blocks run), so a stopped bench stops its service too."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -12,6 +12,8 @@ deadline`` as the router timed it, and the caller's own wall clock minus the dea
     .venv/bin/python bench/fault_matrix.py --quick            # 200 x 4
     .venv/bin/python bench/fault_matrix.py --cases blackhole,500 --breaker off --json out.json
 
+Each case starts with a fresh router that has read the model metadata (``connect()``), as a
+started app would have; the process warms up once on the healthy service, unmeasured.
 Each fault runs twice by default (``--breaker both``): with the shipped circuit breaker (after a
 few failures most requests answer at once with ``breaker_open``), and with the breaker disabled
 so that every request meets the fault -- the harder case for the deadline. Every case is bounded
@@ -40,7 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _reliability import pct, split_by_confidence, test_images  # noqa: E402
+from _reliability import exit_on_sigterm, pct, split_by_confidence, test_images  # noqa: E402
 
 from router_tools.netsim import (Behaviour, FaultServer, NetworkProfile, NetworkProxy, close,  # noqa: E402
                                  closed_port, garbage, infer_ok, slow, status)
@@ -205,10 +207,12 @@ class Result:
     max_wall_over_ms: float = math.nan
     seconds: float = 0.0
     hung_threads: int = 0
+    load: float = math.nan  # 1-minute load average at the end of the case (other work on the machine)
     breaker_opened: int = 0
     by_source_reason: dict = field(default_factory=dict)
     failures: dict = field(default_factory=dict)
     crash_types: dict = field(default_factory=dict)
+    failure_examples: dict = field(default_factory=dict)
 
 
 def _policy(url: str, deadline_ms: float, breaker: str) -> dict:
@@ -241,8 +245,12 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
     by: Counter = Counter()
     failures: Counter = Counter()
     crashes: Counter = Counter()
+    examples: dict[str, str] = {}
     with case.target(service_url) as (url, hook):
         router = Router(RoutingPolicy.model_validate(_policy(url, deadline_ms, breaker)), edge_model=edge_model)
+        # What a started app has done: read the model metadata (never raises; a fault may fail it,
+        # then the first escalations read it themselves, inside their deadlines).
+        router.connect(timeout_s=2.0)
         n_labels = len(edge_model.labels)
         t_start = time.monotonic()
         stop_at = t_start + limit_s
@@ -276,7 +284,9 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
                     res.bad += _is_bad(p, n_labels)
                     by[f"{p.source}/{p.reason.value}"] += 1
                     if failure is not None:
-                        failures[getattr(failure, "value", str(failure))] += 1
+                        category = getattr(failure, "category", None) or str(failure)
+                        failures[category] += 1
+                        examples.setdefault(category, str(getattr(failure, "message", ""))[:100])
                     totals.append(p.timings.total_ms)
                     walls.append(wall)
 
@@ -287,6 +297,7 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
             t.join(max(0.0, stop_at + 10.0 - time.monotonic()))  # a predict() stuck past its deadline
         res.hung_threads = sum(t.is_alive() for t in pool)
         res.seconds = time.monotonic() - t_start
+        res.load = os.getloadavg()[0]
         try:
             res.breaker_opened = sum(e.get("breaker_opened", 0) for e in router.stats().get("endpoints", {}).values())
         except Exception:  # noqa: BLE001 -- stats are a bonus, not the measurement
@@ -302,6 +313,7 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
         res.max_wall_over_ms = max(walls) - deadline_ms
     res.by_source_reason = dict(by.most_common())
     res.failures = dict(failures.most_common())
+    res.failure_examples = examples
     res.crash_types = dict(crashes.most_common(5))
     return res
 
@@ -309,7 +321,7 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
 # ----------------------------------------------------------------------------- report
 
 HEADER = (f"{'case':20s} {'sent':>5s} {'answered':>9s} {'crashes':>7s} {'cloud':>6s} {'fallbk':>6s} {'bad':>4s} "
-          f"{'late':>4s} {'p50 ms':>7s} {'p99 over':>8s} {'max over':>8s} {'wall over':>9s} {'s':>5s}")
+          f"{'late':>4s} {'p50 ms':>7s} {'p99 over':>8s} {'max over':>8s} {'wall over':>9s} {'s':>5s} {'load':>5s}")
 
 
 def _row(r: Result) -> str:
@@ -317,7 +329,7 @@ def _row(r: Result) -> str:
         return f"{100.0 * k / r.sent:5.1f}%" if r.sent else "    -"
     return (f"{r.case:20s} {r.sent:5d} {share(r.answered):>9s} {r.crashes:7d} {share(r.cloud):>6s} "
             f"{share(r.fallback):>6s} {r.bad:4d} {r.late:4d} {r.p50_ms:7.1f} {r.p99_over_ms:+8.1f} {r.max_over_ms:+8.1f} "
-            f"{r.max_wall_over_ms:+9.1f} {r.seconds:5.1f}")
+            f"{r.max_wall_over_ms:+9.1f} {r.seconds:5.1f} {r.load:5.1f}")
 
 
 def _detail(r: Result) -> str:
@@ -374,7 +386,14 @@ def main(argv=None) -> int:
           f"edge {edge.name} {edge.version}; {len(unsure)} distinct unsure test images; {os.cpu_count()} CPUs "
           "shared with the service (timing-sensitive)")
     results: list[Result] = []
+    exit_on_sigterm()
     with LocalService() as svc:
+        # Once per process, unmeasured: lazy imports and the first-call costs of the HTTP stack, so
+        # the first case does not pay them inside its deadlines.
+        with Router(RoutingPolicy.model_validate(_policy(svc.url, 1000.0, "off")), edge_model=edge) as warm:
+            warm.connect(timeout_s=5.0)
+            for img in unsure[:50]:
+                warm.predict(img)
         for breaker in variants:
             title = ("shipped policy (circuit breaker on)" if breaker == "policy"
                      else "circuit breaker disabled: every request meets the fault")
@@ -394,7 +413,8 @@ def main(argv=None) -> int:
           + (f"; worst overrun {worst.max_over_ms:+.1f} ms ({worst.case}, breaker {worst.breaker})" if worst else ""))
     print("columns: answered/cloud/fallbk = share of requests sent; bad = answers that are not a distribution over "
           "the classes; late = answers after the deadline; p50 ms = router total_ms; p99/max over = total_ms - deadline (negative: inside it); "
-          "wall over = the caller's own clock - deadline")
+          "wall over = the caller's own clock - deadline; load = 1-min load average at the end of the case "
+          f"({os.cpu_count()} CPUs)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"requests": args.requests, "threads": args.threads, "deadline_ms": args.deadline_ms,
