@@ -46,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cloud_service import wire
 from cloud_service.dataplane import DataPlane
@@ -263,6 +264,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left (or the body timeout gave up on it) mid-body: nobody to answer, not a fault.
+        log.debug("client disconnected before its body arrived on %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(DecodeBusy)
     async def _decode_busy(request: Request, exc: DecodeBusy) -> Response:
