@@ -2,7 +2,8 @@
 :class:`PredictionUnavailable` it raises when neither side could answer, come from here.
 
 Built with :func:`router.prediction.build` (no re-validation: every value was computed by the
-router itself), so the confident hot path stays a few microseconds.
+router itself), so the confident hot path stays a few microseconds; every field is given, which
+keeps ``build`` on its fast path.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray,
     return build(
         Prediction, label=req.labels[k], class_index=k, confidence=confidence, probabilities=probs.tolist(),
         source="edge", reason=verdict.reason, fallback=verdict.fallback, model_version=req.edge_version,
-        timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None,
+        timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None, cloud_failure=None,
     )
 
 
@@ -79,6 +80,7 @@ def cloud_answer(req: RouteRequest, p: np.ndarray, verdict: Verdict, model_versi
         Prediction, label=req.labels[k] if k < len(req.labels) else str(k), class_index=k, confidence=float(p[k]),
         probabilities=p.tolist(), source="cloud", reason=verdict.reason, fallback=verdict.fallback,
         model_version=model_version, timings=timings, attempts=attempts, request_id=rid, endpoint=endpoint, edge=edge,
+        cloud_failure=None,
     )
 
 
