@@ -176,8 +176,8 @@ def _decode(name: str, items: list[tuple[Path, int]], config: PreprocessConfig |
         except InputError as exc:
             bad.append(f"{file}: {exc}")
     if bad:
-        listed = "\n  ".join(bad[:_MAX_LISTED])
-        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        raise LabeledDataError(f"{name}: {len(bad)} of {len(items)} images cannot be read:\n  {listed}{more}")
+        listed = "; ".join(bad[:_MAX_LISTED])  # one line: the CLI reports errors in one
+        more = f"; ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise LabeledDataError(f"{name}: {len(bad)} of {len(items)} images cannot be read: {listed}{more}")
     return LabeledSet(name, pixels, np.array([idx for _, idx in items], dtype=np.int64),
                       tuple(str(f) for f, _ in items))

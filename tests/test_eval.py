@@ -188,4 +188,4 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "unknown network profile 'moon'" in capsys.readouterr().err
     # the simulated network only ever forwards to loopback
     assert main(["eval", "--network", "wan40", "--cloud-url", "http://10.1.2.3:8000", "--limit", "5"]) == 2
-    assert "LoopbackOnlyError" in capsys.readouterr().err
+    assert "is not a loopback address" in capsys.readouterr().err

@@ -163,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"edge model with temperature {t1:.4g} written to {written_manifest}")
     if args.write or args.print_patch:
         old = policy_path.read_text()
-        note = (f"Chosen by `{command_line(args)}` on {data.name} (n={s.n}, edge model {edge.version}): "
+        on = "" if args.data else f" on the {data.name}"  # a --data path is in the command already
+        note = (f"Chosen by `{command_line(args)}`{on} (n={s.n}, edge model {edge.version}): "
                 f"{p.escalation:.1%} escalated, accuracy {p.accuracy:.2%}.")
         new = edit_policy(old, changes, source=str(policy_path), notes={("confidence_threshold",): note})
         if args.print_patch:
