@@ -246,7 +246,7 @@ def test_failover_on_auth_error_but_no_retry_of_same_endpoint():
 def test_breaker_opens_and_requests_stop_trying():
     clock = FakeClock()
     policy = {"cloud": {"endpoints": [{"url": "http://127.0.0.1:9"}],
-                        "retry": {"max_attempts": 1}, "breaker": {"failure_threshold": 2, "open_duration_s": 5}}}
+                        "retry": {"max_attempts": 1}, "breaker": {"failure_threshold": 2, "open_duration_s": 5, "open_jitter": 0}}}
     req = make_request(clock, policy)
     state = req.endpoints[0]
     for _ in range(2):
