@@ -16,7 +16,7 @@ from router.effects import CloudReply, LocalResult, RouteRequest
 from router.errors import CircuitOpen, PredictionUnavailable, PrivacyViolation
 from router.health import EndpointState
 from router.policy import Mode
-from router.prediction import EdgeOpinion, Prediction, Reason, Timings, build
+from router.prediction import CloudFailure, EdgeOpinion, Prediction, Reason, Timings, build
 from router.rules import RouteContext, Verdict, after_cloud_failure
 
 
@@ -42,8 +42,11 @@ def assemble(
     predictions: list[Prediction] = []
     failed: list[int] = []
     cloud_row = {i: j for j, i in enumerate(escalate)}
+    # Why the escalation failed, on every answer that fell back because of it.
+    failure = CloudFailure.from_error(cloud_error) if reply is None and cloud_error is not None else None
     for i, verdict in enumerate(verdicts):
-        if verdict.side == "cloud" and reply is None:
+        escalated_and_failed = verdict.side == "cloud" and reply is None
+        if escalated_and_failed:
             verdict = after_cloud_failure(contexts[i])
         if verdict.side == "none":
             failed.append(i)
@@ -58,18 +61,19 @@ def assemble(
                                             attempts, rid, answering.endpoint.label, edge))
         else:
             predictions.append(edge_answer(req, cls[i], conf[i], local.probs[i], verdict, timings,
-                                           attempts if i in cloud_row else 0, rid))
+                                           attempts if i in cloud_row else 0, rid,
+                                           failure if escalated_and_failed else None))
     if failed:
         raise unavailable(req, verdicts[failed[0]], local.edge_error, cloud_error, failed, n, predictions)
     return predictions
 
 
 def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray, verdict: Verdict,
-                timings: Timings, attempts: int, rid: str) -> Prediction:
+                timings: Timings, attempts: int, rid: str, cloud_failure: Optional[CloudFailure] = None) -> Prediction:
     return build(
         Prediction, label=req.labels[k], class_index=k, confidence=confidence, probabilities=probs.tolist(),
         source="edge", reason=verdict.reason, fallback=verdict.fallback, model_version=req.edge_version,
-        timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None, cloud_failure=None,
+        timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None, cloud_failure=cloud_failure,
     )
 
 

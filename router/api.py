@@ -117,7 +117,8 @@ class Router:
         self._closed = False
         self._next_reload_check = clock() + policy.reload_check_interval_s
         # Under privacy the client gets no endpoints: preparing real ones imports the async stack.
-        self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport)
+        self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport,
+                                  classes=len(self._labels))  # answers with another class count are refused
         self._warm(policy)
 
     # ------------------------------------------------------------------ construction
