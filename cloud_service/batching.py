@@ -46,6 +46,7 @@ running batches (bounded), so a graceful shutdown computes everything already ac
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -69,19 +70,26 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
 class ServiceTimeModel:
-    """Predicted seconds of one batch: ``fixed + per_row * rows``, fitted online.
+    """Predicted seconds of one batch: ``fixed + per_row * rows``, fitted online, plus a margin.
 
     Written by hand because it is a five-sum weighted least squares: exponentially weighted sums
     (``decay`` per observation, so it follows load and contention changes within a few dozen
     batches) of rows, seconds and their products. With a single batch size seen so far the
     fixed part cannot be separated and the cost is taken as proportional to rows.
+
+    Batch times scatter (CPU contention, the event loop's own lag in collecting results), and an
+    estimate that is right on average lets half of the tight requests through to expire during
+    inference. :meth:`upper` adds ``margin`` times the running mean relative error of the
+    predictions (like TCP's RTO = SRTT + 4 RTTVAR); admission and dropping use it.
     """
 
-    def __init__(self, decay: float = 0.95) -> None:
+    def __init__(self, decay: float = 0.95, margin: float = 2.0) -> None:
         self.decay = decay
+        self.margin = margin
         self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
         self.fixed_s = 0.0
         self.per_row_s = 0.0
+        self.rel_error = 0.0
 
     @property
     def known(self) -> bool:
@@ -89,6 +97,10 @@ class ServiceTimeModel:
 
     def observe(self, rows: int, seconds: float) -> None:
         d = self.decay
+        if self.known:
+            predicted = max(self.predict(rows), 1e-6)
+            # capped: one stall (a descheduled thread) must not lock admission shut
+            self.rel_error = min(1.0, d * self.rel_error + (1 - d) * abs(seconds - predicted) / predicted)
         self._w = d * self._w + 1.0
         self._sx = d * self._sx + rows
         self._sy = d * self._sy + seconds
@@ -105,6 +117,10 @@ class ServiceTimeModel:
     def predict(self, rows: int) -> float:
         return self.fixed_s + self.per_row_s * rows
 
+    def upper(self, rows: int) -> float:
+        """A pessimistic batch time: the prediction plus ``margin`` mean relative errors."""
+        return (self.fixed_s + self.per_row_s * rows) * (1.0 + self.margin * self.rel_error)
+
 
 class Decision(NamedTuple):
     """One scheduling decision. ``kind``: dispatch | wait | shed | drop; ``reason`` says why."""
@@ -116,7 +132,8 @@ class Decision(NamedTuple):
 
 
 class _Item:
-    __slots__ = ("x", "rows", "deadline", "enqueued", "future", "state", "timer", "next_row", "done_rows", "parts")
+    __slots__ = ("x", "rows", "deadline", "enqueued", "future", "state", "timer", "next_row", "done_rows", "parts",
+                 "executions")
 
     def __init__(self, x: np.ndarray, deadline: Optional[float], future: asyncio.Future, now: float) -> None:
         self.x = x
@@ -129,6 +146,7 @@ class _Item:
         self.next_row = 0  # first row not yet handed to an instance (> 0 only for split requests)
         self.done_rows = 0
         self.parts: list[tuple[int, Outputs]] = []
+        self.executions: list[concurrent.futures.Future] = []  # worker-side futures of its batches
 
 
 # (item, first row, end row) of one request's rows in a batch
@@ -178,6 +196,9 @@ class DynamicBatcher:
         self._idle: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._executor: Optional[Executor] = None
+        # Mean delay between a batch finishing in its worker and the loop handing out its rows:
+        # part of every answer's time, so admission adds it to the compute estimate when busy.
+        self.loop_lag_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -222,7 +243,13 @@ class DynamicBatcher:
 
     def observe(self, rows: int, seconds: float) -> None:
         """Feed the service-time model a measured batch (the data plane seeds it at warm-up)."""
-        self.service_time.observe(rows, seconds)
+        st = self.service_time
+        st.observe(rows, seconds)
+        m = self._metrics
+        if m is not None:
+            m.estimate_fixed.set(st.fixed_s)
+            m.estimate_per_row.set(st.per_row_s)
+            m.estimate_rel_error.set(st.rel_error)
 
     # ------------------------------------------------------------------ requests
     async def submit(self, x: np.ndarray, deadline: Optional[float] = None) -> Outputs:
@@ -252,7 +279,9 @@ class DynamicBatcher:
             if deadline <= now:
                 raise DeadlineExceeded("the request's budget was exhausted on arrival")
             if self.service_time.known:
-                eta = self.expected_completion(rows, now)
+                # Fully idle: only this request's own compute counts, at its mean (no margin, no loop
+                # lag), so a pessimistic model is corrected by new measurements instead of refusing forever.
+                eta = self.expected_completion(rows, now, margin=bool(self._running or self._queue))
                 if eta > deadline:
                     self.decisions.append(Decision("shed", "expected_wait", rows, now))
                     if m is not None:
@@ -280,7 +309,7 @@ class DynamicBatcher:
                 self._check_idle()
             raise
 
-    def expected_completion(self, rows: int, now: Optional[float] = None) -> float:
+    def expected_completion(self, rows: int, now: Optional[float] = None, margin: bool = True) -> float:
         """Predicted ``clock`` instant at which a request of ``rows`` submitted now would be answered.
 
         The queue ahead drains in full batches; batch ``j`` goes to the instance that frees first,
@@ -288,18 +317,21 @@ class DynamicBatcher:
         """
         now = self._clock() if now is None else now
         model, size = self.service_time, self.max_batch_size
+        batch_time = model.upper if margin else model.predict
         free = sorted(max(now, end) for end in self._running.values())
         free = [now] * (self.instances - len(free)) + free
         if not self.dispatch_when_idle:
             free = [t + self.max_queue_delay_s for t in free]
-        full = model.predict(size)
+        full = batch_time(size)
         ahead = self._queued_rows
         total = ahead + rows
         first, last = ahead // size, (total - 1) // size
         eta = now
+        if margin:
+            free = [t + self.loop_lag_s for t in free]
         for j in range(max(first, last - self.instances + 1), last + 1):
             batch_rows = min(size, total - j * size)
-            eta = max(eta, free[j % self.instances] + (j // self.instances) * full + model.predict(batch_rows))
+            eta = max(eta, free[j % self.instances] + (j // self.instances) * full + batch_time(batch_rows))
         return eta
 
     def retry_after(self) -> float:
@@ -380,12 +412,14 @@ class DynamicBatcher:
                 if start == 0:
                     m.queue_time.observe(now - item.enqueued)
         xs = [item.x if stop - start == item.rows else item.x[start:stop] for item, start, stop in batch]
-        fut = self._loop.run_in_executor(self._executor, _run_batch, self._execute, xs)
+        execution = self._executor.submit(_run_batch, self._execute, xs, self._clock)
+        for item, _, _ in batch:
+            item.executions.append(execution)
+        fut = asyncio.wrap_future(execution, loop=self._loop)
         fut.add_done_callback(lambda f: self._on_done(f, batch_id, batch, rows, now))
 
     def _on_done(self, fut: asyncio.Future, batch_id: int, batch: list[_Part], rows: int, started: float) -> None:
         del self._running[batch_id]
-        elapsed = self._clock() - started
         m = self._metrics
         exc = fut.exception() if not fut.cancelled() else Unavailable("execution cancelled at shutdown")
         if exc is not None:
@@ -399,8 +433,11 @@ class DynamicBatcher:
                     self._remove(item)
                 self._finish(item, exc=exc)
         else:
-            self.service_time.observe(rows, elapsed)
-            outputs = fut.result()
+            # The model learns compute time measured in the worker; the loop's lag in collecting the
+            # result is not proportional to the queue ahead and would inflate every estimate.
+            outputs, elapsed, finished = fut.result()
+            self.observe(rows, elapsed)
+            self.loop_lag_s = 0.9 * self.loop_lag_s + 0.1 * max(0.0, self._clock() - finished)
             wasted = 0
             offset = 0
             for item, start, stop in batch:
@@ -459,11 +496,14 @@ class DynamicBatcher:
             self._drop(item, self._clock())
             self._check_idle()
         elif item.state == _RUNNING and not item.future.done():
+            if all(e.done() for e in item.executions):
+                return  # computed in time; the loop has not collected the result yet: answer it, don't waste it
             item.future.set_exception(DeadlineExceeded("the request's budget ran out during inference"))
 
     def _finish(self, item: _Item, result: Optional[Outputs] = None, exc: Optional[BaseException] = None) -> bool:
         item.state = _DONE
         item.parts = []
+        item.executions = []
         if item.timer is not None:
             item.timer.cancel()
             item.timer = None
@@ -484,10 +524,13 @@ def _assemble(parts: list[tuple[int, Outputs]]) -> Outputs:
     return tuple(np.concatenate([p[1][k] for p in parts], axis=0) for k in range(len(parts[0][1])))
 
 
-def _run_batch(execute: ExecuteFn, xs: list[np.ndarray]) -> Outputs:
-    """Worker thread: concatenate (off the loop too) and execute."""
+def _run_batch(execute: ExecuteFn, xs: list[np.ndarray], clock: Clock) -> tuple[Outputs, float, float]:
+    """Worker thread: concatenate (off the loop too) and execute; returns the outputs, seconds taken, end instant."""
+    t0 = clock()
     x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
-    return tuple(execute(x))
+    outputs = tuple(execute(x))
+    t1 = clock()
+    return outputs, t1 - t0, t1
 
 
 def unbatched(execute: ExecuteFn, *, max_queue_size: int = 256, instances: int = 1,

@@ -70,6 +70,11 @@ class ServiceMetrics:
             f"{PREFIX}_wasted_rows", "rows computed for nobody (deadline passed during inference, client gone); "
             "compare with inference_count", ["model"], registry=r,
         )
+        self.service_time = Gauge(
+            f"{PREFIX}_service_time_estimate_seconds",
+            "the batcher's batch-time model used for admission: fixed, per_row, and rel_error (mean relative error)",
+            ["model", "term"], registry=r,
+        )
         self.failures = Counter(f"{PREFIX}_inference_failures", "executions onnxruntime failed", ["model"], registry=r)
         self.model_ready = Gauge(f"{PREFIX}_model_ready", "1 when the model is loaded and warmed up", ["model", "version"], registry=r)
 
@@ -95,5 +100,8 @@ class ModelMetrics:
         self.rejected_closed = metrics.rejected.labels(model, "shutting_down")
         self.rejected_deadline = metrics.rejected.labels(model, "expected_wait")
         self.wasted_rows = metrics.wasted_rows.labels(model)
+        self.estimate_fixed = metrics.service_time.labels(model, "fixed")
+        self.estimate_per_row = metrics.service_time.labels(model, "per_row")
+        self.estimate_rel_error = metrics.service_time.labels(model, "rel_error")
         self.expired = metrics.expired.labels(model)
         self.failures = metrics.failures.labels(model)

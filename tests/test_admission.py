@@ -48,7 +48,7 @@ class FakeExecutor(concurrent.futures.Executor):
         return fut
 
     def inputs(self, i: int) -> np.ndarray:
-        _, (execute, xs), _ = self.pending[i]
+        _, (_, xs, _), _ = self.pending[i]
         return np.concatenate(xs, axis=0)
 
     def complete(self, i: int = 0) -> None:
@@ -59,6 +59,14 @@ class FakeExecutor(concurrent.futures.Executor):
 
 def execute(x: np.ndarray):
     return x * 2, x.reshape(len(x), -1).sum(axis=1)
+
+
+def timed(clock: "FakeClock"):
+    """The fake model, taking the seeded 8 s + 2 s per row of fake time per execution."""
+    def run(x: np.ndarray):
+        clock.advance(8.0 + 2.0 * len(x))
+        return execute(x)
+    return run
 
 
 def rows(n: int, start: int = 0) -> np.ndarray:
@@ -78,7 +86,7 @@ def make(clock: FakeClock, ex: FakeExecutor, *, seed: bool = True, **kwargs):
     kwargs.setdefault("max_batch_size", 4)
     kwargs.setdefault("max_queue_delay_s", 30.0)
     kwargs.setdefault("instances", 1)
-    b = DynamicBatcher(execute, metrics=metrics_.model("m"), name="m", clock=clock, executor=ex, **kwargs)
+    b = DynamicBatcher(timed(clock), metrics=metrics_.model("m"), name="m", clock=clock, executor=ex, **kwargs)
     if seed:  # batch time = 8 s + 2 s per row
         b.observe(1, 10.0)
         b.observe(4, 16.0)
@@ -158,8 +166,8 @@ def test_expired_rows_are_never_computed():
         tight = asyncio.ensure_future(b.submit(rows(1, 200), deadline=clock() + 100.0))
         keep = asyncio.ensure_future(b.submit(rows(1, 300)))
         await until(lambda: b.queue_depth == 3)
-        clock.advance(95.0)  # `late` has expired; `tight` has 5 s left, less than any batch takes
-        ex.complete(0)
+        clock.advance(80.0)
+        ex.complete(0)  # +16 s more: `late` has expired; `tight` has 4 s left, less than any batch takes
         await until(lambda: late.done() and tight.done() and len(ex.pending) == 1)
         for t in (late, tight):
             with pytest.raises(DeadlineExceeded, match="not computed"):
