@@ -97,11 +97,11 @@ class ServerSettings(_Section):
 class LimitsSettings(_Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit (413), enforced while streaming")
     max_pixels: int = Field(25_000_000, ge=1, description="image width x height limit, checked from the header (413)")
-    max_decoded_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024,
-                                   description="decoded size of one image (width x height x bytes per pixel, 413)")
-    decode_budget_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024,
+    max_decoded_bytes: int = Field(160 * 1024 * 1024, ge=1024 * 1024,
+                                   description="peak decode memory of one image, from its header (413); a 25 M pixel RGBA needs 150 MB")
+    decode_budget_bytes: int = Field(320 * 1024 * 1024, ge=1024 * 1024,
                                      description="decoded bytes all concurrent image decodes may hold together")
-    decode_wait_s: float = Field(5.0, ge=0, le=600,
+    decode_wait_s: float = Field(15.0, ge=0, le=600,
                                  description="how long an image waits for decode budget before 503 + Retry-After")
 
     @model_validator(mode="after")

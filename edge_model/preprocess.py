@@ -29,6 +29,7 @@ so a decompression bomb is refused in milliseconds without a large allocation.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import io
@@ -90,15 +91,17 @@ class DecodeBudget:
     Written by hand because ``threading.BoundedSemaphore`` counts permits, not sizes: one 100 MB
     image must wait for room while many 3 KB thumbnails pass. ``per_image`` refuses a single image
     outright (:class:`ImageTooLarge`); an image that fits but finds the budget in use waits up to
-    ``wait_s`` and then raises :class:`DecodeBusy`. FIFO is not guaranteed (fine for seconds-long waits).
+    ``wait_s`` and then raises :class:`DecodeBusy`. Waiters are served in arrival order, so a
+    large image is not starved by a stream of small ones (nor one large image by the others).
     """
 
-    def __init__(self, total_bytes: int = 256 * 1024 * 1024, per_image_bytes: int = 128 * 1024 * 1024,
-                 wait_s: float = 10.0) -> None:
+    def __init__(self, total_bytes: int = 320 * 1024 * 1024, per_image_bytes: int = 160 * 1024 * 1024,
+                 wait_s: float = 15.0) -> None:
         self._cond = threading.Condition()
         self.configure(total_bytes, per_image_bytes, wait_s)
         self.in_use = 0
         self.peak = 0
+        self._queue: collections.deque[object] = collections.deque()
 
     def configure(self, total_bytes: int, per_image_bytes: int, wait_s: float) -> None:
         if not (0 < per_image_bytes <= total_bytes) or not (wait_s >= 0 and np.isfinite(wait_s)):
@@ -112,31 +115,36 @@ class DecodeBudget:
         if nbytes > self.per_image:
             raise ImageTooLarge(f"{what} decodes to {nbytes} bytes, over the limit of {self.per_image} bytes per image")
         deadline = time.monotonic() + self.wait_s
+        ticket = object()
         with self._cond:
-            while self.in_use + nbytes > self.total:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DecodeBusy(f"too many large images are being decoded at once ({self.in_use} of {self.total} "
-                                     f"bytes in use); retry shortly")
-                self._cond.wait(remaining)
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket or self.in_use + nbytes > self.total:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DecodeBusy(f"too many large images are being decoded at once ({self.in_use} of "
+                                         f"{self.total} bytes in use); retry shortly")
+                    self._cond.wait(remaining)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit now (or the head left)
             self.in_use += nbytes
             self.peak = max(self.peak, self.in_use)
         try:
             yield
         finally:
+            if nbytes >= _TRIM_AFTER_BYTES:
+                _malloc_trim()  # before the budget is handed on: what it stood for is really free again
             with self._cond:
                 self.in_use -= nbytes
-                idle = self.in_use == 0
                 self._cond.notify_all()
-            if idle and nbytes >= _TRIM_AFTER_BYTES:
-                _malloc_trim()
 
 
 DECODE_BUDGET = DecodeBudget()
 _TRIM_AFTER_BYTES = 8 * 1024 * 1024
 
 
-def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: float = 10.0) -> None:
+def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: float = 15.0) -> None:
     """Size the process-wide :data:`DECODE_BUDGET` (the cloud service does this from its settings)."""
     DECODE_BUDGET.configure(total_bytes, per_image_bytes, wait_s)
 
@@ -153,8 +161,9 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 
 def _malloc_trim() -> None:
-    # Pillow's 16 MB image blocks come from malloc and glibc keeps freed arena memory: without
-    # this a service's RSS stays hundreds of MB above baseline after one burst of large decodes.
+    # Pillow's 16 MB image blocks come from malloc, and glibc keeps freed memory in per-thread
+    # arenas: decodes on several threads then each keep their own hundreds of MB, so the RSS grows
+    # far beyond the budget during a burst and stays there after it.
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -338,40 +347,82 @@ _EXIF_TRANSPOSE = {
 }
 
 
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_SPLIT_ABOVE_PIXELS = 1_000_000  # alpha images larger than this are composited channel by channel
+
+
 def decoded_bytes(mode: str, size: tuple[int, int]) -> int:
-    """Bytes Pillow holds for an image of ``mode`` and ``size``, plus what its conversion before shrinking needs.
+    """Peak bytes Pillow holds to turn an image of ``mode`` and ``size`` into a small grayscale one.
 
     Pillow stores 1 byte per pixel for L/P/1, 2 for I;16*, and 4 for every multi-band and 32-bit
-    mode (RGB included). P and I;16 are converted at full size before ``reduce()`` (it does not
-    take them); I and F may be read as 8-byte arrays when too thin to shrink.
+    mode (RGB and RGBA included). On top of the decoded image: alpha images need their luminance
+    and alpha planes (1 + 1; La/RGBa are first converted, + 4), P with transparency becomes RGBA,
+    I;16 becomes I before ``reduce()``, and I/F may be read as 8-byte arrays when too thin to shrink.
     """
     w, h = size
-    if mode in ("L", "1"):
-        per = 1
-    elif mode == "P":
-        per = 1 + 4
-    elif mode.startswith("I;16"):
-        per = 2 + 4 + 8
-    elif mode in ("I", "F"):
-        per = 4 + 8
-    else:
-        per = 4
+    per = {"L": 1, "1": 2, "P": 6, "I": 12, "F": 12, "LA": 6, "PA": 6, "RGBA": 6, "La": 10, "RGBa": 10}.get(mode)
+    if per is None:
+        per = 14 if mode.startswith("I;16") else 4
     return w * h * per
 
 
-def _shrink(im: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Integer-factor box reduction in the image's own (integer) mode: no full-size float copy."""
+def _shrink(im: Image.Image, target: tuple[int, int], own: bool) -> Image.Image:
+    """Shrink a large image by an integer factor before any full-size conversion or float copy.
+
+    ``Image.reduce()`` averages boxes in the image's own integer mode. Alpha images are not
+    reduced as RGBA (Pillow would premultiply into a second full-size copy): they are split into
+    luminance and alpha planes (1 byte per pixel each), composited onto black at full size in
+    uint8, and the planes reduced; :func:`_to_gray` finishes the compositing on the small image.
+    Images we decoded ourselves (``own``) are closed as soon as they are no longer needed, which
+    frees their pixels at once; a caller's image is never altered.
+    """
     w, h = im.size
     factor = int(min(w / target[0], h / target[1]) / _REDUCING_GAP)
+    mode = im.mode
+    alpha_image = mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info)
+    if alpha_image and w * h > _SPLIT_ABOVE_PIXELS:
+        return _split_alpha(im, max(1, factor), own)
     if factor < 2:
         return im
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode == "1":
-        im = im.convert("L")
-    elif im.mode.startswith("I;16"):
-        im = im.convert("I")
-    return im.reduce(factor)
+    if mode == "P":
+        small_source = im.convert("L")  # palette -> luminance directly: 1 byte per pixel, not RGB's 4
+    elif mode == "1":
+        small_source = im.convert("L")
+    elif mode.startswith("I;16"):
+        small_source = im.convert("I")  # reduce() does not take I;16
+    else:
+        small_source = im
+    if small_source is not im and own:
+        im.close()
+    small = small_source.reduce(factor)
+    if own or small_source is not im:
+        small_source.close()
+    return small
+
+
+def _split_alpha(im: Image.Image, factor: int, own: bool) -> Image.Image:
+    from PIL import ImageChops
+
+    if im.mode not in ("LA", "RGBA"):
+        rgba = im.convert("RGBA")  # P with transparency, PA, La, RGBa
+        if own:
+            im.close()
+        im, own = rgba, True
+    lum = im.convert("L")  # ignores alpha: luminance of the colour channels
+    alpha = im.getchannel("A")
+    if own:
+        im.close()
+    on_black = ImageChops.multiply(lum, alpha)  # lum * a / 255 in uint8: composited onto black
+    lum.close()
+    if factor >= 2:
+        small_black, small_alpha = on_black.reduce(factor), alpha.reduce(factor)
+        on_black.close()
+        alpha.close()
+    else:
+        small_black, small_alpha = on_black, alpha
+    out = Image.merge("LA", (small_black, small_alpha))
+    out.info["composited"] = True
+    return out
 
 
 def _to_gray(im: Image.Image, source_mode: str | None = None) -> Image.Image:
@@ -389,7 +440,16 @@ def _to_gray(im: Image.Image, source_mode: str | None = None) -> Image.Image:
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         mode = im.mode
-    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+    if mode == "LA" and im.info.get("composited"):
+        # From _split_alpha: L holds lum * a / 255 already (on black); only the background is left.
+        la = np.asarray(im)
+        black, alpha = la[..., 0].astype(np.uint16), la[..., 1].astype(np.uint16)
+        cover = int(alpha.sum(dtype=np.uint64))
+        dark_object = cover > 0 and int(black.sum(dtype=np.uint64)) * 255 < _VANISHING_LUMINANCE * cover
+        if dark_object:
+            black += np.uint16(255) - alpha  # onto white: lum*a/255 + 255*(1 - a/255)
+        return Image.fromarray(np.minimum(black, 255).astype(np.uint8), "L")
+    if mode in _ALPHA_MODES:
         # uint8/uint16 integer compositing: exact rounding, and 2 bytes per value instead of float32's 4.
         la = np.asarray(im.convert("LA" if mode in ("LA", "La") else "RGBA").convert("LA"))
         lum, alpha = la[..., 0].astype(np.uint16), la[..., 1].astype(np.uint16)
@@ -429,7 +489,7 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
         with DECODE_BUDGET.reserve(cost) if reduce else _nothing():
             im.load()
             orientation = im.getexif().get(0x0112)
-            im = _shrink(im, target)  # the caller's image is never altered: reduce() returns a new one
+            im = _shrink(im, target, own=reduce)
         if orientation in _EXIF_TRANSPOSE:
             im = im.transpose(_EXIF_TRANSPOSE[orientation])
         gray = _to_gray(im, source_mode)

@@ -641,8 +641,9 @@ def test_decoded_bytes_follow_pillow_storage():
     from edge_model.preprocess import decoded_bytes
 
     assert decoded_bytes("L", (100, 10)) == 1000
-    assert decoded_bytes("RGBA", (100, 10)) == decoded_bytes("RGB", (100, 10)) == 4000
-    assert decoded_bytes("P", (100, 10)) == 5000  # converted to RGB(A) before it can be reduced
+    assert decoded_bytes("RGB", (100, 10)) == 4000  # Pillow stores RGB in 4 bytes per pixel
+    assert decoded_bytes("RGBA", (100, 10)) == 6000  # + luminance and alpha planes for compositing
+    assert decoded_bytes("P", (100, 10)) == 6000  # P with transparency becomes RGBA first
 
 
 def test_budget_refuses_one_image_over_the_per_image_cap():
@@ -691,14 +692,14 @@ def test_budget_exhausted_by_a_decode_raises_decode_busy():
     from edge_model.preprocess import DECODE_BUDGET, configure_decode_budget
 
     old = (DECODE_BUDGET.total, DECODE_BUDGET.per_image, DECODE_BUDGET.wait_s)
-    png = rgba_png(300, 300)  # 360 kB decoded
+    png = rgba_png(1100, 1100)  # 7.3 MB at peak (split into planes: above 1 M pixels)
     try:
-        configure_decode_budget(400_000, 400_000, wait_s=0)
-        with DECODE_BUDGET.reserve(100_000):
+        configure_decode_budget(8_000_000, 8_000_000, wait_s=0)
+        with DECODE_BUDGET.reserve(1_000_000):
             with pytest.raises(DecodeBusy):
                 to_pixels(png)
         assert to_pixels(png).shape == (28, 28)
-        configure_decode_budget(400_000, 300_000, wait_s=0)
+        configure_decode_budget(8_000_000, 7_000_000, wait_s=0)
         with pytest.raises(ImageTooLarge, match="per image"):
             to_pixels(png)
     finally:
@@ -718,3 +719,24 @@ def test_large_rgba_png_is_shrunk_before_any_float_copy():
     assert peak < 2 * 1024 * 1024, f"peak numpy/Python allocation {peak / 1e6:.1f} MB"
     # Opaque grey 200 fills the frame: a bright border, so "auto" inverts it to a uniform 55.
     assert pixels.shape == (28, 28) and set(np.unique(pixels).tolist()) == {55}
+
+
+@pytest.mark.parametrize("icon, background", [((0, 0, 0), (255, 255, 255)), ((230, 230, 230), (0, 0, 0))],
+                         ids=["dark-icon-on-white-transparency", "light-object"])
+def test_large_alpha_image_matches_its_small_version(icon, background):
+    """Big alpha images take the plane-split path; the result must look like the small-image path's."""
+    def make(size: int) -> Image.Image:
+        im = Image.new("RGBA", (size, size), (*background, 0))
+        ImageDraw.Draw(im).ellipse([size // 4, size // 8, 3 * size // 4, 7 * size // 8], fill=(*icon, 255))
+        return im
+
+    im = make(1400)  # 2 M pixels: split into planes
+    large = to_pixels(encode(im, "PNG")).astype(int)
+    # Reference: composited at full size by Pillow onto the background the rules pick (white for a
+    # dark icon, black otherwise), then the ordinary grayscale path.
+    under = (255, 255, 255, 255) if icon == (0, 0, 0) else (0, 0, 0, 255)
+    reference = to_pixels(Image.alpha_composite(Image.new("RGBA", im.size, under), im).convert("L")).astype(int)
+    assert np.abs(reference - large).max() <= 2
+    assert large[14, 14] > 200 and large[1, 1] < 30  # light object on a dark background either way
+    small = to_pixels(encode(make(112), "PNG")).astype(int)  # the uint16 path: same picture
+    assert large[14, 14] - small[14, 14] in range(-3, 4) and large[1, 1] - small[1, 1] in range(-3, 4)
