@@ -50,6 +50,8 @@ from router.telemetry import Telemetry
 log = logging.getLogger("router")
 
 
+_EDGE_WORKERS = max(1, min(4, os.cpu_count() or 1))  # apredict's preprocessing + edge inference threads
+
 # What the first escalation imported lazily (anyio defers its backend until first use), measured
 # by diffing sys.modules around a first request; imported at construction instead, because an
 # import on the I/O thread holds the GIL that a caller needs to return at its deadline.
@@ -169,7 +171,7 @@ class Router:
                 pass
         httpx.AsyncClient(trust_env=False, verify=False)  # first construction builds httpcore's pool types
         ex = self._local_executor()
-        for f in [ex.submit(time.sleep, 0) for _ in range(ex._max_workers)]:  # spawn the workers now
+        for f in [ex.submit(time.sleep, 0) for _ in range(_EDGE_WORKERS)]:  # spawn the workers now
             f.result()
 
     @property
@@ -434,7 +436,7 @@ class Router:
             with self._lock:
                 if self._executor is None:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="router-edge"
+                        max_workers=_EDGE_WORKERS, thread_name_prefix="router-edge"
                     )
         return self._executor
 
