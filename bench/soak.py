@@ -30,6 +30,7 @@ import contextlib
 import gc
 import json
 import linecache
+import math
 import os
 import sys
 import threading
@@ -81,9 +82,10 @@ def _snapshot() -> tracemalloc.Snapshot:
 
 
 def _run_phase(name: str, n: int, checkpoints: int, one, threads: int, out: list[Checkpoint],
-               trace: bool, before_reading=lambda: None) -> dict:
-    """Run ``one(i)`` n times (split over ``threads`` persistent threads), gauges at checkpoints."""
-    counts = {"ok": 0, "other": 0}
+               trace: bool, before_reading=lambda: None, stop_at: float = math.inf) -> dict:
+    """Run ``one(i)`` n times (split over ``threads`` persistent threads), gauges at checkpoints;
+    stops early, with a last checkpoint, once ``time.monotonic()`` passes ``stop_at``."""
+    counts = {"ok": 0, "other": 0, "stopped": False}
     lock = threading.Lock()
     step = max(1, n // max(1, checkpoints))
     t0 = time.monotonic()
@@ -91,6 +93,8 @@ def _run_phase(name: str, n: int, checkpoints: int, one, threads: int, out: list
     def chunk(lo: int, hi: int, k: int) -> None:
         ok = other = 0
         for i in range(lo + k, hi, threads):
+            if time.monotonic() >= stop_at:
+                break
             if one(i):
                 ok += 1
             else:
@@ -120,7 +124,10 @@ def _run_phase(name: str, n: int, checkpoints: int, one, threads: int, out: list
             else:
                 for f in [pool.submit(chunk, lo, hi, k) for k in range(threads)]:
                     f.result()
-            checkpoint(hi)
+            checkpoint(counts["ok"] + counts["other"])
+            if time.monotonic() >= stop_at:
+                counts["stopped"] = True
+                break
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -209,11 +216,21 @@ def main(argv=None) -> int:
                     help="deadline of escalations (generous: this measures memory, not latency)")
     ap.add_argument("--cloud", choices=("real", "stub"), default="real",
                     help="the real service (LocalService), or a netsim FaultServer answering at once")
+    ap.add_argument("--max-minutes", type=float, default=math.inf,
+                    help="time budget of the whole run: a phase still going then stops early (and says so)")
     ap.add_argument("--trace", action="store_true", help="tracemalloc: name the growth sites (slow: scale down)")
     ap.add_argument("--trace-frames", type=int, default=8)
     ap.add_argument("--top", type=int, default=8, help="growth sites to print per phase with --trace")
+    ap.add_argument("--pydantic-only", type=int, metavar="N", default=0,
+                    help="only the pydantic string-cache check, with N unique ids (no router, no service)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
+    if args.pydantic_only:
+        tracemalloc.start(1)
+        print("pydantic check: InferenceResponse.model_validate_json on responses with unique ids, results dropped")
+        for line in pydantic_cache_experiment(args.pydantic_only, max(1, args.pydantic_only // 10)):
+            print(line)
+        return 0
 
     from router import Router, RoutingPolicy
 
@@ -225,6 +242,8 @@ def main(argv=None) -> int:
         confident, unsure = split_by_confidence(router, test_images(), 512, 512)
         deadline = args.deadline_ms
         mismatched = {"confident": 0, "escalation": 0}
+        stopped = {"confident": False, "escalation": False}
+        stop_at = started + args.max_minutes * 60.0
 
         def one_confident(i: int) -> bool:
             p = router.predict(confident[i % len(confident)])
@@ -250,8 +269,9 @@ def main(argv=None) -> int:
         for name, n, fn, threads in (("confident", args.confident, one_confident, 1),
                                      ("escalation", args.escalations, one_escalation, args.threads)):
             pts: list[Checkpoint] = []
-            counts = _run_phase(name, n, args.checkpoints, fn, threads, pts, args.trace, drop_stub_log)
+            counts = _run_phase(name, n, args.checkpoints, fn, threads, pts, args.trace, drop_stub_log, stop_at)
             mismatched[name] = counts["other"]
+            stopped[name] = counts["stopped"]
             phases[name] = pts
             points += pts
             if args.trace:
@@ -274,7 +294,8 @@ def main(argv=None) -> int:
         n = pts[-1].done
         rate = n / pts[-1].seconds if pts[-1].seconds else 0.0
         verdict = "within" if abs(g["rss_kb"]) <= GOAL_KB else "NOT within"
-        print(f"{name:11s} {n:9d} requests ({rate:,.0f}/s; {mismatched[name]} not answered as expected): "
+        cut = f" (of {args.confident if name == 'confident' else args.escalations}: time budget)" if stopped[name] else ""
+        print(f"{name:11s} {n:9d} requests{cut} ({rate:,.1f}/s; {mismatched[name]} not answered as expected): "
               f"RSS {g['rss_kb']:+d} KB (second half {g['rss_second_half_kb']:+d} KB, range {g['rss_range_kb']} KB) "
               f"-> {verdict} 1 MB; fds {g['fds']:+d}, threads {g['os_threads']:+d} (python {g['py_threads']:+d})"
               + (f"; traced {g['traced_kb']:+.1f} KB" if args.trace else ""))
