@@ -33,6 +33,7 @@ from typing import Callable, Optional
 DEMO_BREAKER_OPEN_S = 1.0
 RECOVERY_PACE_S = 0.025  # a modest rate, so the breaker's open period passes while images still arrive
 PIPE_WIDTH = 80
+MAX_EVENTS = 8  # event lines per stage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ class _Demo:
         pace = args.pace_ms if args.pace_ms is not None else (12.0 if self.live else 0.0)
         self.pace_s = max(0.0, pace) / 1000.0
         self.next_image = 0
+        self.events = 0
         self.results: list[tuple[str, dict]] = []
         self.restart_error: Optional[BaseException] = None
         self.opened_at: Optional[float] = None  # monotonic time the breaker was last seen opening
@@ -202,8 +204,11 @@ class _Demo:
                 and px.connections_accepted == self._proxy0.connections_accepted)
 
     def event(self, j: int, text: str) -> None:
-        """A line above the live table, or in the log: what happened at image ``j + 1`` of the stage."""
-        self.console.print(f"  #{j + 1:<4} {text}", markup=False)
+        """A line above the live table, or in the log: what happened at image ``j + 1`` of the stage
+        (at most MAX_EVENTS a stage: a breaker flapping on a loaded machine must not flood the log)."""
+        self.events += 1
+        if self.events <= MAX_EVENTS:
+            self.console.print(f"  #{j + 1:<4} {text}", markup=False)
 
     @staticmethod
     def breaker(router) -> str:
@@ -226,6 +231,7 @@ class _Demo:
         c.rule(f"[bold]{st.title}[/bold]")
         c.print(st.blurb)
         self._stats0, self._proxy0 = router.stats(), proxy.stats()
+        self.events = 0
         rows: list[dict] = []
         kinds: set[str] = set()
         state = self.breaker_state(router)
@@ -259,6 +265,8 @@ class _Demo:
                 j += 1
                 if pace:
                     time.sleep(pace)
+        if self.events > MAX_EVENTS:
+            c.print(f"  ... and {self.events - MAX_EVENTS} more events")
         c.print(f"  [{'green' if ok else 'yellow'}]{outcome}[/]")
         s = self.summarize(rows)
         stats1, proxy1 = router.stats(), proxy.stats()
@@ -294,7 +302,8 @@ class _Demo:
         before, after = r["breaker_before"], r["breaker_after"]
         if before == after:
             return
-        if before == "half_open" and after == "closed" and r["source"] == "cloud":
+        if _trial_passed(r):
+            # open -> closed: the open period ended inside this request, which was the half-open trial
             self.event(j, f"half-open trial: cloud answered in {r['ms']:.1f} ms -> breaker closed")
         elif before == "half_open" and after == "open":
             self.event(j, "half-open trial failed -> breaker open again")
@@ -422,10 +431,16 @@ def _any(rows: list[dict], source: str, reason: Optional[str] = None) -> bool:
     return any(r["source"] == source and (reason is None or r["reason"] == reason) for r in rows)
 
 
+def _trial_passed(r: dict) -> bool:
+    """The request went to the cloud and closed a breaker that was not closed: only a successful
+    half-open trial closes it (an open one half-opens lazily, when the request looks at it)."""
+    return r["breaker_before"] in ("open", "half_open") and r["breaker_after"] == "closed" and r["source"] == "cloud"
+
+
 def _recovered(rows: list[dict]) -> bool:
     """A half-open trial went to the cloud and closed the breaker, and another escalation followed it."""
     for i, r in enumerate(rows):
-        if r["breaker_before"] == "half_open" and r["breaker_after"] == "closed" and r["source"] == "cloud":
+        if _trial_passed(r):
             return any(later["source"] == "cloud" for later in rows[i + 1:])
     return False
 
