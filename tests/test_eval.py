@@ -189,3 +189,23 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     # the simulated network only ever forwards to loopback
     assert main(["eval", "--network", "wan40", "--cloud-url", "http://10.1.2.3:8000", "--limit", "5"]) == 2
     assert "is not a loopback address" in capsys.readouterr().err
+
+
+def test_user_model_pair_from_the_command_line(tmp_path):
+    """``--edge-manifest`` / ``--cloud-manifest``: the router runs that edge model and the local
+    service serves that cloud model (here the shipped FP32 edge model stands in for a user's)."""
+    from pathlib import Path
+
+    from edge_model.runtime import ARTIFACTS_DIR
+
+    edge = ARTIFACTS_DIR / "edge-fp32.json"
+    cloud = Path(__file__).resolve().parent.parent / "cloud_service" / "artifacts" / "cloud-fp32.json"
+    out = tmp_path / "pair.json"
+    assert main(["eval", "--limit", "30", "--baseline-limit", "0", "--no-progress", "--deadline-ms", str(DEADLINE_MS),
+                 "--edge-manifest", str(edge), "--cloud-manifest", str(cloud), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert Path(r["models"]["edge"]["manifest"]).resolve() == edge.resolve()
+    assert r["models"]["edge"]["version"] == EdgeModel(edge).version
+    assert r["data"]["n"] == 30 and "--edge-manifest" in r["command"] and "--cloud-manifest" in r["command"]
+    # the pair that would not work together is refused before anything starts
+    assert main(["eval", "--cloud-manifest", str(cloud), "--cloud-url", "http://127.0.0.1:1"]) == 2
