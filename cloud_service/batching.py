@@ -320,11 +320,12 @@ class DynamicBatcher:
         batch_time = model.upper if margin else model.predict
         free = sorted(max(now, end) for end in self._running.values())
         free = [now] * (self.instances - len(free)) + free
-        if not self.dispatch_when_idle:
-            free = [t + self.max_queue_delay_s for t in free]
-        full = batch_time(size)
         ahead = self._queued_rows
         total = ahead + rows
+        if not self.dispatch_when_idle and total < size:  # a partial batch waits for the window to close
+            due = (self._queue[0].enqueued if self._queue else now) + self.max_queue_delay_s
+            free = [max(t, due) for t in free]
+        full = batch_time(size)
         first, last = ahead // size, (total - 1) // size
         eta = now
         if margin:
@@ -373,6 +374,9 @@ class DynamicBatcher:
             self._timer = None
         now = self._clock()
         model, size = self.service_time, self.max_batch_size
+        # With other batches running (contention) a tight request must fit the pessimistic time;
+        # alone it gets the mean, as at admission (see submit).
+        batch_time = model.upper if self._running else model.predict
         batch: list[_Part] = []
         rows = 0
         while self._queue:
@@ -383,7 +387,7 @@ class DynamicBatcher:
             if batch and rows + take > size:
                 break
             if item.deadline is not None and (
-                now >= item.deadline or (model.known and now + model.predict(rows + take) > item.deadline)
+                now >= item.deadline or (model.known and now + batch_time(rows + take) > item.deadline)
             ):
                 # Drop it before computing: its answer would come too late to be used.
                 self._remove(item)
