@@ -526,7 +526,11 @@ class HardenedHttpProtocol(HttpToolsProtocol):
     * body timeout: a started body may pause at most ``body_timeout_s`` (a Content-Length larger
       than the body sent no longer hangs the connection forever);
     * header size: more than ``max_header_bytes`` before the end of the headers is answered 431;
-    * connection cap: connections beyond ``max_connections`` are answered 503 and closed at once;
+    * connection cap: at ``max_connections`` a new connection evicts the connection that has been
+      idle longest (no request in progress: waiting for headers, or kept alive after a response),
+      which is answered 503 and closed; only if every connection has a request in flight is the
+      new one answered 503. Slowloris sockets are thus shed as soon as real clients arrive,
+      instead of locking them out until the header timeout;
     * parser errors are answered 400 JSON rather than text.
 
     Every refusal is ``{"error": ...}`` JSON with ``connection: close``.
@@ -541,19 +545,38 @@ class HardenedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads_seen = 0
         self._refused = False
+        self._idle_since: Optional[float] = None  # not None while no request is in progress
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:  # type: ignore[override]
         over = len(self.connections) >= self._limits.max_connections
         super().connection_made(transport)
-        if over:
-            self._refused = True
-            self.logger.warning("connection refused: %d connections open (server.limit_concurrency)",
+        self._idle_since = self.loop.time()
+        if over and not self._evict_idle():
+            self.logger.warning("connection refused: %d connections open, all busy (server.limit_concurrency)",
                                 len(self.connections) - 1)
             self._answer(503, "Service Unavailable",
                          "too many open connections; retry shortly", b"retry-after: 1\r\n")
             return
         self._arm_head_timer()
+
+    def _evict_idle(self) -> bool:
+        victim: Optional[HardenedHttpProtocol] = None
+        for conn in self.connections:
+            since = getattr(conn, "_idle_since", None)
+            if (conn is not self and since is not None and not conn.transport.is_closing()
+                    and (victim is None or since < victim._idle_since)):
+                victim = conn
+        if victim is None:
+            return False
+        victim._answer(503, "Service Unavailable", "idle connection closed to make room for another; "
+                       "send requests promptly and retry", b"retry-after: 1\r\n")
+        return True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.keep_alive and not self.pipeline:
+            self._idle_since = self.loop.time()
 
     def connection_lost(self, exc) -> None:
         self._cancel_timers()
@@ -586,6 +609,7 @@ class HardenedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._heads_seen += 1
+        self._idle_since = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
