@@ -58,6 +58,7 @@ class Telemetry:
         self.requests = 0
         self.fallbacks = 0
         self.failures: Counter[str] = Counter()
+        self.cloud_failures: Counter[str] = Counter()  # failed escalations by CloudFailure category
         self.cloud_attempts = 0
         self.bytes_sent = 0
 
@@ -68,6 +69,10 @@ class Telemetry:
         with self._lock:
             self.cloud_attempts += attempts
             self.bytes_sent += bytes_sent
+            # One request has at most one escalation: count its failure once, not per row.
+            failure = next((p.cloud_failure for p in predictions if p.cloud_failure is not None), None)
+            if failure is not None:
+                self.cloud_failures[failure.category] += 1
             for p in predictions:
                 self.requests += 1
                 key = (p.source, p.reason.value)
@@ -84,6 +89,7 @@ class Telemetry:
                     "fallback": p.fallback, "label": p.label, "confidence": round(p.confidence, 4),
                     "attempts": p.attempts, "endpoint": p.endpoint, "edge_ms": round(p.timings.edge_ms, 3),
                     "cloud_ms": round(p.timings.cloud_ms, 3), "total_ms": round(p.timings.total_ms, 3),
+                    "cloud_failure": p.cloud_failure.category if p.cloud_failure is not None else None,
                 }
                 if not details:
                     del line["label"], line["confidence"]
@@ -93,6 +99,9 @@ class Telemetry:
         with self._lock:
             self.failures[type(exc).__name__] += 1
             self.cloud_attempts += attempts
+            category = getattr(getattr(exc, "cloud_error", None), "category", None)
+            if attempts and category is not None:  # an escalation was tried and failed (not "none was usable")
+                self.cloud_failures[category] += 1
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -103,6 +112,7 @@ class Telemetry:
                 "fallbacks": self.fallbacks,
                 "by_source_reason": {f"{s}/{r}": c for (s, r), c in sorted(self.by_source_reason.items())},
                 "failures": dict(self.failures),
+                "cloud_failures": dict(self.cloud_failures),
                 "cloud_attempts": self.cloud_attempts,
                 "bytes_sent": self.bytes_sent,
                 "latency": {f"{s}/{r}": h.snapshot() for (s, r), h in sorted(self.latency.items())},
