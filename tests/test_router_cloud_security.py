@@ -45,6 +45,7 @@ from router.errors import (
     CloudTLSError,
     CloudUnavailable,
     ConfigError,
+    PredictionUnavailable,
 )
 from router.health import BreakerState, CircuitBreaker
 from router.policy import BreakerSettings, Endpoint, parse_policy
@@ -382,19 +383,49 @@ def test_every_error_class_has_a_category_from_the_one_table():
     assert failure == CloudFailure("overloaded", "HTTP 503 from e: busy", "e")
 
 
-def test_closed_port_is_unreachable_and_counted():
+def _closed_port() -> int:
     import socket
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()
-    policy = _policy(f"http://127.0.0.1:{port}")
+    s.close()  # nothing listens: connections are refused
+    return port
+
+
+def test_closed_port_is_unreachable_counted_and_logged(caplog):
+    policy = _policy(f"http://127.0.0.1:{_closed_port()}")
     policy["cloud"]["endpoints"][0].pop("api_key_env")
+    policy["decision_log"] = True
     with Router(parse_policy(policy)) as r:
-        p = r.predict(IMAGE, threshold=1.0)
+        with caplog.at_level(logging.INFO, logger="router.decision"):
+            p = r.predict(IMAGE, threshold=1.0)
         assert p.cloud_failure.category == "unreachable" and p.fallback
-        assert r.stats()["cloud_failures"] == {"unreachable": 1}
+        assert p.model_dump(mode="json")["cloud_failure"]["category"] == "unreachable"
+        lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "router.decision"]
+        assert lines[-1]["cloud_failure"] == "unreachable"
+        with pytest.raises(PredictionUnavailable) as info:  # cloud_only: no side answers; the category still counts
+            r.predict(IMAGE, mode="cloud_only")
+        assert info.value.cloud_error.category == "unreachable"
+        assert r.stats()["cloud_failures"] == {"unreachable": 2}
+
+
+def test_cli_predict_shows_why_the_escalation_failed(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    img = tmp_path / "noise.png"
+    Image.fromarray(IMAGE).save(img)
+    cfg = tmp_path / "policy.yaml"
+    cfg.write_text(json.dumps({"confidence_threshold": 1.0, "default_deadline_ms": 3000, "decision_log": False,
+                               "cloud": {"endpoints": [{"url": f"http://127.0.0.1:{_closed_port()}", "name": "svc"}],
+                                         "retry": {"max_attempts": 1}}}))  # JSON is YAML
+    out = subprocess.run([sys.executable, "-m", "router_tools.cli", "predict", "--config", str(cfg), str(img)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(fallback)" in out.stdout and "cloud failed (unreachable): svc:" in out.stdout
 
 
 # ----------------------------------------------------------------------------- breaker jitter
