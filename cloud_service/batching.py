@@ -20,14 +20,21 @@ Admission and deadlines -- nothing is computed to be thrown away:
   predicts when a new request would complete, from the rows queued ahead of it, the expected
   ends of the running batches and the number of instances. A request whose deadline falls
   before that is refused at once with :class:`Overloaded` (503 + ``Retry-After``) instead of
-  being queued to expire.
+  being queued to expire. ``Retry-After`` is the backlog's drain time, or more while refusals
+  outnumber admissions (a multiplicative backoff, see ``backoff_s``), so refused clients
+  spread out instead of costing the event loop a refusal each per second.
 * ``max_queue_size`` queued requests (requests, as in Triton, not rows): the next one is refused
   at once with :class:`Overloaded` too.
 * Right before a batch is formed, queued requests whose deadline has passed, or would pass
   before the batch is predicted to finish, are answered :class:`DeadlineExceeded` and dropped.
   A request whose deadline passes while queued is also answered at that moment (a timer).
-  If the deadline passes while its batch runs it is answered at once; the late rows are
-  counted as wasted (``wasted_rows`` metric).
+  If the deadline passes while its batch runs it is answered at once (unless its rows are
+  already computed and only wait for the loop to collect them); the late rows are counted as
+  wasted (``wasted_rows`` metric).
+* The model learns compute time measured in the worker thread; admission under load adds a
+  margin (the running mean relative error of its predictions) and the loop's measured lag in
+  collecting results. When nothing runs and nothing is queued a request is admitted if its
+  own mean compute time fits, so a pessimistic model is corrected rather than locking out.
 
 A request larger than ``max_batch_size`` rows is split into chunks of ``max_batch_size`` rows
 that run on whichever instances are free (concurrently when several are) and are reassembled
@@ -65,6 +72,7 @@ log = logging.getLogger("cloud_service.batching")
 Outputs = tuple[np.ndarray, ...]
 ExecuteFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 Clock = Callable[[], float]
+MAX_BACKOFF_S = 30.0
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
@@ -199,6 +207,11 @@ class DynamicBatcher:
         # Mean delay between a batch finishing in its worker and the loop handing out its rows:
         # part of every answer's time, so admission adds it to the compute estimate when busy.
         self.loop_lag_s = 0.0
+        # Retry-After backoff: refusals cost the event loop nearly what a parse costs, so when
+        # refusals outnumber admissions over a second the advised wait grows by that ratio
+        # (clamped), spreading the clients out until the two are about even; it relaxes likewise.
+        self.backoff_s = 1.0
+        self._window = (0.0, 0, 0)  # start, admitted, shed
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -270,6 +283,8 @@ class DynamicBatcher:
         if len(self._queue) >= self.max_queue_size:
             if m is not None:
                 m.rejected_full.inc()
+            now = self._clock()
+            self._count(now, shed=True)
             raise Overloaded(
                 f"queue full ({self.max_queue_size} requests waiting); retry later", retry_after=self.retry_after()
             )
@@ -283,6 +298,7 @@ class DynamicBatcher:
                 # lag), so a pessimistic model is corrected by new measurements instead of refusing forever.
                 eta = self.expected_completion(rows, now, margin=bool(self._running or self._queue))
                 if eta > deadline:
+                    self._count(now, shed=True)
                     self.decisions.append(Decision("shed", "expected_wait", rows, now))
                     if m is not None:
                         m.rejected_deadline.inc()
@@ -291,6 +307,7 @@ class DynamicBatcher:
                         f"expected {(eta - now) * 1000:.0f} ms); retry after Retry-After or with a longer timeout",
                         retry_after=self.retry_after(),
                     )
+        self._count(now, shed=False)
         item = _Item(x, deadline, loop.create_future(), now)
         if deadline is not None:
             item.timer = loop.call_later(deadline - now, self._expire, item)
@@ -336,11 +353,22 @@ class DynamicBatcher:
         return eta
 
     def retry_after(self) -> float:
-        """Seconds until the current backlog has likely drained (at least 1, as Retry-After is whole seconds)."""
+        """Seconds to advise: the backlog's drain time or the overload backoff (>= 1: Retry-After is whole seconds)."""
         if not self.service_time.known:
-            return 1.0
+            return max(1.0, math.ceil(self.backoff_s))
         now = self._clock()
-        return max(1.0, math.ceil(self.expected_completion(1, now) - now))
+        return max(1.0, math.ceil(self.backoff_s), math.ceil(self.expected_completion(1, now) - now))
+
+    def _count(self, now: float, shed: bool) -> None:
+        start, admitted, refused = self._window
+        if now - start >= 1.0:
+            if refused:
+                ratio = refused / max(1, admitted)
+                self.backoff_s = min(MAX_BACKOFF_S, max(1.0, self.backoff_s * ratio))
+            else:
+                self.backoff_s = 1.0
+            start, admitted, refused = now, 0, 0
+        self._window = (start, admitted + (not shed), refused + shed)
 
     # ------------------------------------------------------------------ scheduling
     def _dispatch(self) -> None:

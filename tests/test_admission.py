@@ -153,6 +153,39 @@ def test_request_whose_budget_is_shorter_than_the_expected_wait_is_refused_at_on
     assert sample(m, "hybrid_cloud_wasted_rows_total") == 0
 
 
+def test_retry_after_backs_off_while_refusals_outnumber_admissions_and_relaxes():
+    clock, ex = FakeClock(), FakeExecutor()
+
+    async def main():
+        b, _ = make(clock, ex)
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit(rows(4)))]  # admitted: busy until ~+16 s
+        await until(lambda: len(ex.pending) == 1)
+        for _ in range(10):  # ten refusals for one admission within a second
+            with pytest.raises(Overloaded):
+                await b.submit(rows(1), deadline=clock() + 1.0)
+        before = b.backoff_s
+        clock.advance(1.5)
+        with pytest.raises(Overloaded) as info:  # the next second starts with a 10 s backoff
+            await b.submit(rows(1), deadline=clock() + 1.0)
+        backed_off = (b.backoff_s, info.value.retry_after)
+        await drain(b, ex, tasks)
+        b.start()
+        clock.advance(1.5)
+        tasks = [asyncio.ensure_future(b.submit(rows(1), deadline=clock() + 100.0))]  # admissions only
+        await until(lambda: len(ex.pending) == 1)
+        clock.advance(1.5)
+        tasks.append(asyncio.ensure_future(b.submit(rows(1), deadline=clock() + 100.0)))
+        await until(lambda: b.queue_depth == 1)
+        relaxed = b.backoff_s
+        await drain(b, ex, tasks)
+        return before, backed_off, relaxed
+
+    before, (backoff, advised), relaxed = run(main())
+    assert before == 1.0 and backoff == 10.0 and advised >= 10
+    assert relaxed == 1.0
+
+
 def test_expired_rows_are_never_computed():
     clock, ex = FakeClock(), FakeExecutor()
 
