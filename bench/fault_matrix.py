@@ -299,7 +299,10 @@ def run_case(case: Case, service_url: str, images, edge_model, *, n: int, thread
         res.seconds = time.monotonic() - t_start
         res.load = os.getloadavg()[0]
         try:
-            res.breaker_opened = sum(e.get("breaker_opened", 0) for e in router.stats().get("endpoints", {}).values())
+            stats = router.stats()
+            res.breaker_opened = sum(e.get("breaker_opened", 0) for e in stats.get("endpoints", {}).values())
+            if not failures and stats.get("cloud_failures"):  # routers whose answers do not carry the category
+                failures.update(stats["cloud_failures"])
         except Exception:  # noqa: BLE001 -- stats are a bonus, not the measurement
             pass
         router.close()
