@@ -33,13 +33,17 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+try:
+    import resource
+except ImportError:  # not POSIX: no descriptor limit to respect
+    resource = None  # type: ignore[assignment]
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -496,8 +500,8 @@ def configure_http(settings: ServiceSettings) -> HttpLimits:
     global HTTP_LIMITS
     s = settings.server
     cap = s.limit_concurrency
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and cap > soft - _FD_RESERVE:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource is not None else -1
+    if soft > 0 and soft != resource.RLIM_INFINITY and cap > soft - _FD_RESERVE:
         log.warning("server.limit_concurrency %d lowered to %d (file-descriptor limit %d)",
                     cap, max(1, soft - _FD_RESERVE), soft)
         cap = max(1, soft - _FD_RESERVE)
