@@ -26,7 +26,7 @@ $(VENV)/.installed-run: $(PROJECTS) | $(PY)
 # no other requirement can pull the CUDA build.
 $(VENV)/.installed-dev: $(PROJECTS) | $(PY)
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev]" -e "./cloud_service[ray,triton,export]" -e "./router_tools[server,plot,train]"
+	$(PIP) install --quiet -e ".[dev,updates]" -e "./cloud_service[ray,triton,export]" -e "./router_tools[server,plot,train,release]"
 	touch $@ $(VENV)/.installed-run
 
 venv-run: $(VENV)/.installed-run

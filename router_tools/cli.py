@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("router_tools.commands.evaluate", "evaluate edge-only / cloud-only / router on a labeled set"),
     "calibrate": ("router_tools.commands.calibrate", "choose a confidence threshold from labeled data"),
     "train": ("router_tools.train_cli", "train, export, quantize and calibrate the shipped models (train extra)"),
+    "release": ("router_tools.commands.release", "sign and publish edge-model releases for device updates (release extra)"),
 }
 
 
