@@ -122,6 +122,11 @@ class Router:
         self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport,
                                   classes=len(self._labels))  # answers with another class count are refused
         self._warm(policy)
+        self._updater = None
+        if policy.updates.enabled:  # the signed release channel (optional extra), never on the request path
+            from router.updates import attach_updater
+
+            self._updater = attach_updater(self, self._policy_path)
 
     # ------------------------------------------------------------------ construction
 
@@ -181,6 +186,27 @@ class Router:
     @property
     def edge_model(self) -> OnnxClassifier | None:
         return self._edge
+
+    def _swap_edge(self, edge: OnnxClassifier) -> None:
+        """Install an edge model that :mod:`router.updates` validated (same labels and input spec).
+        Each request reads the model reference once, so it runs on the old or the new one, whole."""
+        pre = edge.preprocess_config
+        if pre.max_pixels != self._snap.policy.edge.max_pixels:
+            pre = PreprocessConfig(**{**pre.__dict__, "max_pixels": self._snap.policy.edge.max_pixels})
+        with self._lock:
+            self._pre = pre
+            self._edge, self._edge_error, self._edge_version = edge, None, edge.version
+
+    def rollback_edge(self) -> str:
+        """Go back to the previous edge model version now; returns the version that answers."""
+        if self._updater is None:
+            raise ConfigError("rollback_edge: updates are not enabled in the policy (set updates.enabled: true)")
+        return self._updater.rollback()
+
+    @property
+    def updater(self):
+        """The :class:`router.updates.EdgeUpdater` when the policy enables updates, else None."""
+        return self._updater
 
     # ------------------------------------------------------------------ policy reload
 
@@ -507,6 +533,8 @@ class Router:
                 "error": None if self._edge_error is None else str(self._edge_error)}
         out["edge"] = edge
         out["edge_model"] = edge  # the earlier name of the same entry
+        if self._updater is not None:
+            edge["updates"] = self._updater.status()
         out["policy"] = {"mode": self._snap.policy.mode.value, "threshold": self._snap.policy.confidence_threshold,
                          "privacy_mode": self._snap.policy.privacy_mode}
         return out
@@ -514,6 +542,8 @@ class Router:
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
+        if getattr(self, "_updater", None) is not None:
+            self._updater.close()
         with self._lock:
             if self._closed:
                 return

@@ -157,6 +157,34 @@ class EdgeSettings(_Strict):
     required: bool = Field(False, description="refuse to construct a router whose edge model cannot load")
 
 
+class UpdateSettings(_Strict):
+    """The signed edge-model release channel (router/updates.py); off unless ``enabled``."""
+
+    enabled: bool = False
+    url: Optional[str] = Field(None, description="base URL of the published channel (serves metadata/ and targets/)")
+    root: Optional[str] = Field(None, description="trusted root.json shipped with the app (relative: to the policy file)")
+    dir: Optional[str] = Field(None, description="updater folder (models, metadata cache, device id); "
+                                                 "default ~/.cache/hybrid-edge-router/updates")
+    check_interval_s: float = Field(3600.0, gt=0)
+    max_download_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cap on the bytes one check downloads")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0, description="cap on the wait for any one chunk")
+    max_check_s: float = Field(300.0, gt=0, description="cap on one whole check, downloads included")
+    keep_versions: int = Field(3, ge=1, description="model versions kept on disk, the active one included")
+    pin: Optional[str] = Field(None, description="take exactly this release version, whatever its rollout share")
+    device_id: Optional[str] = Field(None, description="cohort key for staged rollout; default: an id generated "
+                                                       "once and kept in the updater folder")
+    ca_bundle: Optional[str] = Field(None, description="PEM file of the CAs trusted for an https channel")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "UpdateSettings":
+        if self.enabled and not (self.url and self.root):
+            raise ValueError("updates.enabled needs url (the channel) and root (the trusted root.json)")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
 class RoutingPolicy(_Strict):
     mode: Mode = Mode.PREFER_EDGE
     privacy_mode: bool = Field(False, description="local only: no escalation, no probe, no socket")
@@ -165,6 +193,7 @@ class RoutingPolicy(_Strict):
     default_deadline_ms: float = Field(150.0, gt=0)
     budget_reserve_ms: float = Field(3.0, ge=0, description="kept back to answer locally after a failed escalation")
     edge: EdgeSettings = EdgeSettings()
+    updates: UpdateSettings = UpdateSettings()
     cloud: CloudSettings = CloudSettings()
     decision_log: bool = True
     decision_log_privacy_details: bool = Field(
