@@ -540,7 +540,7 @@ class EdgeUpdater:
                 raise NothingToRollBack("rollback_edge: no release from the channel is active; nothing to roll back")
             for version in reversed(st["history"][:-1] if st["history"] and st["history"][-1] == active
                                     else st["history"]):
-                if version == active or version not in self.on_disk():
+                if version == active or version in st["refused"] or version not in self.on_disk():
                     continue
                 try:
                     model = self._load_validated(version, None)
