@@ -44,7 +44,10 @@ class ProtocolError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # cache_strings="keys": pydantic-core would otherwise cache every short string value it parses
+    # -- every request/response id is unique, so the cache filled with ~1 MB of ids per process
+    # (bench/soak.py --pydantic-only); field names are the only strings worth caching here.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), cache_strings="keys")
 
 
 # ----------------------------------------------------------------------------- metadata
