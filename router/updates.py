@@ -251,6 +251,7 @@ class EdgeUpdater:
         self.checks = 0
         self.last_result: str | None = None
         self.last_error: UpdateError | None = None
+        self.last_delta: str | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device_id = settings.device_id or self._device_id()
         self._state = self._read_state()
@@ -422,8 +423,27 @@ class EdgeUpdater:
         self._prune()
         return f"updated:{version}"
 
+    def _delta_base(self, entry: dict) -> tuple[str, Path] | None:
+        """A delta of this release whose base model this device holds (sha256 checked), if any."""
+        if not entry.get("deltas") or importlib.util.find_spec("zstandard") is None:
+            return None
+        from edge_model.manifest import Manifest, sha256_file
+
+        for prev, delta in entry["deltas"].items():
+            folder = self._model_dir(prev)
+            try:
+                model = folder / Manifest.load(folder / "manifest.json").file
+                if sha256_file(model) == delta["base_sha256"]:
+                    return delta["path"], model
+            except EdgeModelError:
+                continue
+        return None
+
     def _download(self, updater, entry: dict, version: str, staging: Path, fetcher, budget_exc) -> None:
-        paths = [entry["manifest"], entry["model"]] + ([entry["golden"]] if entry.get("golden") else [])
+        model_name = entry["model"].rpartition("/")[2]
+        delta = self._delta_base(entry)
+        model_path = delta[0] if delta else entry["model"]
+        paths = [entry["manifest"], model_path] + ([entry["golden"]] if entry.get("golden") else [])
         infos = []
         for p in paths:
             try:
@@ -441,18 +461,42 @@ class EdgeUpdater:
                 version=version)
         part = staging / version
         part.mkdir(parents=True)
-        names = {entry["manifest"]: "manifest.json", entry.get("golden"): "golden.npz"}
+        names = {entry["manifest"]: "manifest.json", entry.get("golden"): "golden.npz", model_path: model_name}
+        if delta:
+            names[model_path] = model_name + ".patch"
         for info in infos:
             name = names.get(info.path) or info.path.rpartition("/")[2]
             try:
                 updater.download_target(info, str(part / name))
             except Exception as exc:  # noqa: BLE001
                 raise _translate(exc, f"release {version}: {info.path}", version, budget_exc) from exc
+        if delta:
+            self._apply_delta(part / (model_name + ".patch"), delta[1], part / model_name, entry, version)
         (part / "release.json").write_text(json.dumps(entry, indent=2))
         dest = self._model_dir(version)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(part, dest)  # a version folder is complete or absent
+
+    def _apply_delta(self, patch: Path, base: Path, out: Path, entry: dict, version: str) -> None:
+        """The model from a zstd patch against a model this device holds (``release --delta-from``).
+        tuf verified the patch; the rebuilt file must have the release's signed sha256."""
+        import zstandard as zstd
+
+        from edge_model.manifest import sha256_file
+
+        d = zstd.ZstdCompressionDict(base.read_bytes(), dict_type=zstd.DICT_TYPE_RAWCONTENT)
+        try:
+            data = zstd.ZstdDecompressor(dict_data=d, max_window_size=1 << 27).decompress(
+                patch.read_bytes(), max_output_size=self.settings.max_download_bytes)
+        except zstd.ZstdError as exc:
+            raise TamperedArtifact(f"release {version}: the patch does not apply: {exc}", version=version) from exc
+        out.write_bytes(data)
+        patch.unlink()
+        if sha256_file(out) != entry["sha256"]:
+            raise TamperedArtifact(f"release {version}: the model rebuilt from the patch has another sha256",
+                                   version=version)
+        self.last_delta = f"{version} from {base.parent.name}: {patch.name}"
 
     # -------------------------------------------------------------- validation and swap
 
@@ -564,7 +608,7 @@ class EdgeUpdater:
         return {"active": self._state["active"], "answering": cur.version if cur else None,
                 "device_id": self.device_id, "checks": self.checks, "last_result": self.last_result,
                 "last_error": None if self.last_error is None else f"{type(self.last_error).__name__}: {self.last_error}",
-                "refused": dict(self._state["refused"]), "on_disk": self.on_disk()}
+                "refused": dict(self._state["refused"]), "on_disk": self.on_disk(), "last_delta": self.last_delta}
 
 
 def _input_spec(model: OnnxClassifier) -> tuple:
@@ -598,5 +642,11 @@ def attach_updater(router, policy_path: Path | None = None) -> EdgeUpdater | Non
                           policy=lambda: router.policy, base=router.edge_model,
                           session_options=SessionOptions(intra_op_threads=policy.edge.intra_op_threads))
     updater.restore()
+    if router.edge_model is None:  # "no model yet": the cloud answers (reason edge_error) until the swap
+        from router.errors import EdgeError
+
+        router._edge_error = EdgeError("no edge model yet: downloading from the release channel; the cloud answers "
+                                       "meanwhile" if not policy.privacy_mode else
+                                       "no edge model, and privacy mode forbids downloading one")
     updater.start()
     return updater

@@ -236,12 +236,23 @@ def golden_bytes(x, labels) -> bytes:
     return buf.getvalue()
 
 
+def make_delta(old: bytes, new: bytes) -> bytes:
+    """zstd with the old model as a raw-content dictionary (zstd's ``--patch-from``): a device
+    holding ``old`` downloads only what changed. The window covers both files (max 128 MiB)."""
+    import zstandard as zstd
+
+    d = zstd.ZstdCompressionDict(old, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    params = zstd.ZstdCompressionParameters.from_level(19, window_log=max(20, min(27, (len(old) + len(new)).bit_length())))
+    return zstd.ZstdCompressor(dict_data=d, compression_params=params).compress(new)
+
+
 def publish(repo: Repo, manifest_path: str | os.PathLike, *, rollout: float = 1.0, golden: bytes | None = None,
             golden_min_agreement: float = 0.95, targets_days: float | None = None, snapshot_days: float | None = None,
-            timestamp_days: float | None = None) -> dict:
+            timestamp_days: float | None = None, delta_from: tuple[str, ...] = ()) -> dict:
     """Add (or re-stage) the release of ``manifest_path``: a new signed targets version, snapshot
     and timestamp. Re-publishing the same version with the same bytes changes only its rollout
-    share (5 % -> 25 % -> 100 %). Returns the release entry."""
+    share (5 % -> 25 % -> 100 %). ``delta_from``: earlier versions to ship a zstd patch from
+    (devices holding one download the patch instead of the model). Returns the release entry."""
     _need_tuf()
     from edge_model.errors import ArtifactError
     from edge_model.manifest import Manifest, read_verified
@@ -282,6 +293,14 @@ def publish(repo: Repo, manifest_path: str | os.PathLike, *, rollout: float = 1.
         if golden is not None:
             entry["golden"] = f"{base}/golden.npz"
             _add_target(repo, targets, entry["golden"], golden)
+    for prev in delta_from:
+        src = releases.get(prev)
+        if src is None or prev == version:
+            raise ReleaseError(f"--delta-from {prev}: not an earlier release in this channel; published: {sorted(releases)}")
+        prev_file = repo.targets_dir / src["model"].rpartition("/")[0] / f"{src['sha256']}.{src['model'].rpartition('/')[2]}"
+        path = f"{base}/{manifest.file}.from-{prev}.zst"
+        _add_target(repo, targets, path, make_delta(prev_file.read_bytes(), model))
+        entry.setdefault("deltas", {})[prev] = {"path": path, "base_sha256": src["sha256"]}
     releases[version] = entry
     channel["latest"] = max(releases, key=lambda v: releases[v]["seq"])
     _add_target(repo, targets, CHANNEL_TARGET, json.dumps(channel, indent=2, sort_keys=True).encode())

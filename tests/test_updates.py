@@ -59,11 +59,11 @@ def golden(tmp_path_factory):
     return rel.golden_from_test_split(ARTIFACTS_DIR / "edge-fp32.json", 32)
 
 
-def candidate(folder: Path, version: str, **changes) -> Path:
-    """A release candidate: the shipped FP32 edge model under another version (and other fields)."""
-    out = folder / f"cand-{version}-{len(changes)}"
+def candidate(folder: Path, version: str, base: str = "edge-fp32.json", **changes) -> Path:
+    """A release candidate: a shipped edge model (FP32 by default) under another version (and other fields)."""
+    out = folder / f"cand-{version}-{len(changes)}-{base}"
     out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((ARTIFACTS_DIR / "edge-fp32.json").read_text())
+    manifest = json.loads((ARTIFACTS_DIR / base).read_text())
     manifest.update(version=version, **changes)
     shutil.copy(ARTIFACTS_DIR / manifest["file"], out / manifest["file"])
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -76,6 +76,7 @@ class StaticServer:
     def __init__(self, directory: Path, port: int = 0):
         handler = functools.partial(_QuietHandler, directory=str(directory))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.paths = []  # every path requested, in order
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -93,6 +94,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        getattr(self.server, "paths", []).append(self.path)
+        super().do_GET()
+
 
 class Channel:
     def __init__(self, tmp: Path, golden):
@@ -103,9 +108,9 @@ class Channel:
         self.server = StaticServer(self.repo.public)
 
     def publish(self, version: str, rollout: float = 1.0, *, golden=True, **kw) -> dict:
-        g = rel.golden_bytes(*self.golden) if golden is True else golden
-        return rel.publish(self.repo, candidate(self.tmp, version, **kw.pop("manifest", {})), rollout=rollout,
-                           golden=g, **kw)
+        g = rel.golden_bytes(*self.golden) if golden is True else (golden or None)
+        cand = candidate(self.tmp, version, kw.pop("base", "edge-fp32.json"), **kw.pop("manifest", {}))
+        return rel.publish(self.repo, cand, rollout=rollout, golden=g, **kw)
 
     def target_file(self, version: str, suffix: str) -> Path:
         (path,) = (self.repo.targets_dir / "edge" / version).glob(f"*{suffix}")
@@ -287,6 +292,23 @@ def test_device_id_is_generated_once_and_kept(channel, tmp_path):
         first = r.updater.device_id
     with router_on(channel, tmp_path) as r:
         assert r.updater.device_id == first and len(first) == 32
+
+
+def test_a_device_holding_the_base_downloads_only_the_zstd_patch(channel, tmp_path, images):
+    channel.publish("2.0.0")
+    with router_on(channel, tmp_path) as r:
+        assert version_of(r) == "2.0.0"
+        entry = channel.publish("3.0.0", base="edge-int8.json", golden=False, delta_from=("2.0.0",))
+        patch = channel.target_file("3.0.0", ".zst")
+        assert entry["deltas"]["2.0.0"]["path"].endswith(".from-2.0.0.zst")
+        del channel.server.httpd.paths[:]
+        assert r.updater.check_now() == "updated:3.0.0"
+        fetched = channel.server.httpd.paths
+        assert any(p.endswith(".zst") for p in fetched) and not any(p.endswith(".onnx") for p in fetched)
+        assert r.updater.status()["last_delta"].startswith("3.0.0 from 2.0.0")
+        assert r.predict(images[0]).model_version == "3.0.0"
+        print(f"\nzstd patch 2.0.0 -> 3.0.0: {patch.stat().st_size} bytes for a "
+              f"{(ARTIFACTS_DIR / 'edge-int8.onnx').stat().st_size}-byte model")
 
 
 # ---------------------------------------------------------------------- versions on disk, pin, rollback

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-golden", action="store_true", help="ship no golden set")
     q.add_argument("--golden-min-agreement", type=float, default=0.95,
                    help="share of the golden set a device must reproduce (default 0.95: INT8 kernels differ by CPU)")
+    q.add_argument("--delta-from", action="append", default=[], metavar="VERSION",
+                   help="also ship a zstd patch from this earlier release (repeatable)")
     q.add_argument("--timestamp-days", type=float, help="timestamp lifetime (default 7)")
     q = sub.add_parser("refresh", help="re-sign snapshot and timestamp with a fresh expiry")
     common(q)
@@ -70,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
         elif not args.no_golden and args.golden_samples > 0:
             golden = rel.golden_bytes(*rel.golden_from_test_split(Path(args.manifest), args.golden_samples))
         entry = rel.publish(repo, args.manifest, rollout=args.rollout, golden=golden,
-                            golden_min_agreement=args.golden_min_agreement, timestamp_days=args.timestamp_days)
+                            golden_min_agreement=args.golden_min_agreement, timestamp_days=args.timestamp_days,
+                            delta_from=tuple(args.delta_from))
         print(f"published {entry['version']} to {entry['rollout']:.0%} of devices "
-              f"(targets v{entry['targets_version']}, golden set: {'yes' if entry['golden'] else 'no'})")
+              f"(targets v{entry['targets_version']}, golden set: {'yes' if entry['golden'] else 'no'}, "
+              f"deltas from: {', '.join(entry.get('deltas', {})) or 'none'})")
     elif args.action == "refresh":
         print(f"timestamp v{rel.refresh(repo, timestamp_days=args.timestamp_days)}")
     elif args.action == "rotate-key":
