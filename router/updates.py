@@ -413,6 +413,8 @@ class EdgeUpdater:
                     self._download(updater, entry, version, staging, fetcher, budget_exc)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if self._stop.is_set():
+            return "closed"  # the router closed during the download: install nothing
         try:
             model = self._load_validated(version, entry)
         except ReleaseRejected as exc:

@@ -259,6 +259,36 @@ def test_a_bad_release_is_refused_with_a_typed_error_and_the_current_model_keeps
             assert r.updater.check_now() == "current:2.0.0"
 
 
+# ---------------------------------------------------------------------- the operator's command and key rotation
+
+
+def test_release_command_and_key_rotation_keep_devices_updating(channel, tmp_path, capsys):
+    from router_tools.cli import main
+
+    repo = str(channel.repo.root_dir)
+    keys = channel.repo.keys_dir
+    assert {f.name for f in keys.glob("*.pem")} == {"root.pem", "targets.pem", "snapshot.pem", "timestamp.pem"}
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in keys.glob("*.pem")) and keys.stat().st_mode & 0o777 == 0o700
+    assert not list(channel.repo.public.rglob("*.pem"))  # nothing private is served
+    assert main(["release", "keys", "--repo", repo]) == 2  # never overwrites keys
+    assert "rotate-key" in capsys.readouterr().err
+    assert main(["release", "publish", "--repo", repo, "--manifest", str(candidate(tmp_path, "2.0.0")),
+                 "--rollout", "1", "--golden-samples", "16"]) == 0
+    with router_on(channel, tmp_path) as r:
+        assert version_of(r) == "2.0.0"
+        for role in ("timestamp", "targets", "snapshot", "root"):
+            assert main(["release", "rotate-key", role, "--repo", repo]) == 0
+        assert len(list((keys / "retired").glob("*.pem"))) == 4
+        assert main(["release", "publish", "--repo", repo, "--manifest", str(candidate(tmp_path, "3.0.0")),
+                     "--no-golden"]) == 0
+        assert r.updater.check_now() == "updated:3.0.0"  # root v5 reached through the chain of signed roots
+        assert json.loads((tmp_path / "device" / "metadata" / "root.json").read_text())["signed"]["version"] == 5
+    capsys.readouterr()
+    assert main(["release", "status", "--repo", repo]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["latest"] == "3.0.0" and set(status["releases"]) == {"2.0.0", "3.0.0"}
+
+
 # ---------------------------------------------------------------------- staged rollout
 
 
