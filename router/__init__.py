@@ -29,11 +29,13 @@ from router.errors import (
     RouterError,
 )
 from router.policy import Endpoint, Mode, RoutingPolicy, load_policy
-from router.prediction import EdgeOpinion, Prediction, Reason, Timings
+from router.prediction import CloudFailure, EdgeOpinion, Prediction, Reason, Timings
+from router.progressive import ProgressiveHandle
 
 __all__ = [
     "CircuitOpen", "CloudAuthError", "CloudError", "CloudProtocolError", "CloudRejected", "CloudServerError",
-    "CloudTimeout", "CloudUnavailable", "ConfigError", "EdgeError", "EdgeOpinion", "Endpoint", "InvalidInput",
-    "Mode", "Prediction", "PredictionUnavailable", "PrivacyViolation", "Reason", "Router", "RouterError",
+    "CloudTimeout", "CloudUnavailable", "CloudFailure", "ConfigError", "EdgeError", "EdgeOpinion", "Endpoint",
+    "InvalidInput", "Mode", "Prediction", "PredictionUnavailable", "ProgressiveHandle", "PrivacyViolation", "Reason",
+    "Router", "RouterError",
     "RoutingPolicy", "Timings", "default_router", "load_policy", "predict",
 ]

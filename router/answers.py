@@ -68,6 +68,46 @@ def assemble(
     return predictions
 
 
+def provisional(req: RouteRequest, local: LocalResult, cls: Sequence[int], conf: Sequence[float],
+                verdicts: Sequence[Verdict], escalate: Sequence[int], total_s: float) -> list[Prediction]:
+    """A progressive call's first answers: the edge's, before the escalation starts (the rows
+    that escalate say ``provisional``; the others already have their final answer)."""
+    n = len(verdicts)
+    timings = build(Timings, edge_ms=local.edge_s * 1000.0, cloud_ms=0.0, total_ms=total_s * 1000.0)
+    refining = set(escalate)
+    return [edge_answer(req, cls[i], conf[i], local.probs[i], _PROVISIONAL if i in refining else v, timings, 0,
+                        req.request_id if n == 1 else f"{req.request_id}-{i}")
+            for i, v in enumerate(verdicts)]
+
+
+_PROVISIONAL = Verdict("edge", Reason.PROVISIONAL)
+
+
+def refined(first: Prediction, answer: Prediction) -> Prediction:
+    """A progressive call's final answer, from the flow's answer for the same image: the cloud's,
+    or the first answer standing -- ``refinement_late`` when no answer came in time (the
+    escalation timed out), ``refinement_failed`` otherwise, with the failure either way."""
+    if answer.source == "cloud":
+        return answer
+    failure = answer.cloud_failure
+    late = failure is not None and failure.category == "timeout"
+    return standing(first, Reason.REFINEMENT_LATE if late else Reason.REFINEMENT_FAILED, failure,
+                    timings=answer.timings, attempts=answer.attempts)
+
+
+def standing(first: Prediction, reason: Reason, failure: Optional[CloudFailure], *, timings: Optional[Timings] = None,
+             attempts: int = 0, total_s: float = 0.0) -> Prediction:
+    """The first answer of a progressive call as its final one. ``fallback`` unless the caller
+    cancelled (then nothing failed: the caller stopped waiting). Without ``timings``: the
+    first answer's edge time, ``total_s`` in all, the rest counted as cloud time."""
+    if timings is None:
+        edge_ms, total_ms = first.timings.edge_ms, total_s * 1000.0
+        timings = build(Timings, edge_ms=edge_ms, cloud_ms=max(0.0, total_ms - first.timings.total_ms),
+                        total_ms=total_ms)
+    return build(Prediction, **{**first.__dict__, "reason": reason, "fallback": reason is not Reason.REFINEMENT_CANCELLED,
+                                "timings": timings, "attempts": attempts, "cloud_failure": failure})
+
+
 def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray, verdict: Verdict,
                 timings: Timings, attempts: int, rid: str, cloud_failure: Optional[CloudFailure] = None) -> Prediction:
     return build(

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from edge_model.preprocess import PreprocessConfig, normalise, preprocess, to_pi
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier, SessionOptions
 from router._io import IOThread
 from router.cloud import CloudClient
-from router.effects import CloudCall, LocalResult, LocalWork, RouteRequest
+from router.effects import CloudCall, LocalResult, LocalWork, Provisional, RouteRequest, Sleep
 from router.errors import CloudTimeout, ConfigError, EdgeError, InvalidInput, RouterError
 from router.flow import route
 from router.health import EndpointState
@@ -46,6 +46,9 @@ from router.prediction import Prediction
 from router.probe import probe_loop
 from router.reload import PolicyWatcher, guard_privacy
 from router.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from router.progressive import ProgressiveHandle
 
 log = logging.getLogger("router")
 
@@ -361,10 +364,15 @@ class Router:
         return self._run_sync(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
 
     def _run_sync(self, req: RouteRequest) -> list[Prediction]:
-        gen = route(req, self._clock)
+        return self._drive_sync(req, route(req, self._clock))
+
+    def _drive_sync(self, req: RouteRequest, gen) -> list[Prediction] | Provisional:
+        """Execute the flow's effects inline until it ends (its answers, recorded), or -- only in
+        a progressive call -- until it yields a :class:`Provisional` (returned; ``gen`` stays
+        open for :mod:`router.progressive` to resume)."""
         attempts = 0
         try:
-            effect = next(gen)
+            effect = gen.send(None)
             while True:
                 kind = type(effect)
                 if kind is LocalWork:
@@ -372,17 +380,19 @@ class Router:
                 elif kind is CloudCall:
                     attempts += 1
                     result = self._cloud_sync(effect)
-                else:
+                elif kind is Sleep:
                     time.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
+                else:
+                    return effect
                 effect = gen.send(result)
         except StopIteration as stop:
             outcome = stop.value
-        except RouterError as exc:
-            self._telemetry.record_failure(exc, attempts)
-            raise
-        finally:
+        except BaseException as exc:
             gen.close()
+            if isinstance(exc, RouterError):
+                self._telemetry.record_failure(exc, attempts)
+            raise
         self._record(req, outcome)
         return outcome.predictions
 
@@ -403,7 +413,27 @@ class Router:
             # clean-up does not compete for the GIL with this caller's answer.
             return _timed_out(call)
 
+    def predict_progressive(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
+                            mode: str | Mode | None = None, request_id: str | None = None,
+                            threshold: float | None = None, normalised: bool = False) -> "ProgressiveHandle":
+        """The edge's answer now (``h.first``, computed on this thread) and the cloud's refinement
+        when it lands within the deadline (``h.final()``); see :mod:`router.progressive`."""
+        from router.progressive import start
+
+        return start(self, self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised))
+
     # ------------------------------------------------------------------ async shell
+
+    def apredict_progressive(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
+                             mode: str | Mode | None = None, request_id: str | None = None,
+                             threshold: float | None = None, normalised: bool = False) -> AsyncIterator[Prediction]:
+        """``async for p in router.apredict_progressive(image)``: the edge's answer, then the
+        final one (only one when nothing is refined); see :mod:`router.progressive`. The
+        deadline starts at this call."""
+        from router.progressive import iterate
+
+        return iterate(self, self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised))
+
 
     async def apredict(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
                        mode: str | Mode | None = None, request_id: str | None = None,
@@ -420,30 +450,43 @@ class Router:
         return await self._run_async(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
 
     async def _run_async(self, req: RouteRequest) -> list[Prediction]:
+        return await self._drive_async(req, route(req, self._clock))
+
+    async def _drive_async(self, req: RouteRequest, gen, stop: Callable[[], bool] | None = None):
+        """Await the flow's effects until it ends (its answers, recorded) or yields a
+        :class:`Provisional` (returned, ``gen`` left open). ``stop`` (a progressive call's
+        cancel) is checked before each further attempt or backoff: when set, the flow is closed
+        and None returned."""
         loop = asyncio.get_running_loop()
-        gen = route(req, self._clock)
         attempts = 0
         try:
-            effect = next(gen)
+            effect = gen.send(None)
             while True:
                 kind = type(effect)
+                if stop is not None and kind is not LocalWork and stop():
+                    if kind is CloudCall:
+                        effect.state.breaker.release()  # a half-open trial slot taken for a call that will not go
+                    gen.close()
+                    return None
                 if kind is LocalWork:
                     result = await loop.run_in_executor(self._local_executor(), self._local, effect)
                 elif kind is CloudCall:
                     attempts += 1
                     self._start_probe()
                     result = await self._cloud_async(effect)
-                else:
+                elif kind is Sleep:
                     await asyncio.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
+                else:
+                    return effect
                 effect = gen.send(result)
-        except StopIteration as stop:
-            outcome = stop.value
-        except RouterError as exc:
-            self._telemetry.record_failure(exc, attempts)
-            raise
-        finally:
+        except StopIteration as stop_:
+            outcome = stop_.value
+        except BaseException as exc:
             gen.close()
+            if isinstance(exc, RouterError):
+                self._telemetry.record_failure(exc, attempts)
+            raise
         self._record(req, outcome)
         return outcome.predictions
 

@@ -70,7 +70,15 @@ class Sleep:
     seconds: float
 
 
-Effect = LocalWork | CloudCall | Sleep
+@dataclass
+class Provisional:
+    """Only when ``RouteRequest.progressive``: the edge's answers before the escalation starts.
+    The runner hands them to the caller and resumes the flow (sending ``None``) when it likes."""
+
+    predictions: list[Prediction]
+
+
+Effect = LocalWork | CloudCall | Sleep | Provisional
 
 
 @dataclass
@@ -90,6 +98,7 @@ class RouteRequest:
     endpoints: Sequence[EndpointState] = ()
     rng: random.Random = field(default_factory=random.Random)
     normalised: bool = False
+    progressive: bool = False  # yield a Provisional answer before escalating (router.progressive)
 
 
 @dataclass

@@ -19,8 +19,9 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 from tenacity import DoAttempt, DoSleep, RetryCallState
 
-from router.answers import assemble
-from router.effects import CloudCall, CloudReply, Effect, LocalResult, LocalWork, RouteOutcome, RouteRequest, Sleep
+from router.answers import assemble, provisional
+from router.effects import (CloudCall, CloudReply, Effect, LocalResult, LocalWork, Provisional, RouteOutcome,
+                            RouteRequest, Sleep)
 from router.errors import CircuitOpen, CloudError, CloudRejected, CloudTimeout
 from router.health import EndpointState
 from router.policy import Mode
@@ -89,6 +90,9 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
         verdicts.append(decide(ctx))
 
     escalate = [i for i, v in enumerate(verdicts) if v.side == "cloud"]
+    if req.progressive and escalate and local.probs is not None:
+        # The edge's answers first; the runner resumes this flow for the refinement when it likes.
+        yield Provisional(provisional(req, local, cls, conf, verdicts, escalate, clock() - req.started))
     reply: CloudReply | None = None
     cloud_error: BaseException | None = None
     attempts = 0

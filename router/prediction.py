@@ -19,6 +19,12 @@ class Reason(str, Enum):
     EDGE_ERROR = "edge_error"  # cloud: the edge model failed
     CLOUD_ERROR = "cloud_error"  # edge: the escalation failed within the deadline
     MODE = "mode"  # where the routing mode puts it (edge_only, prefer_cloud, cloud_only)
+    # Progressive answers (router.progressive): the edge's first answer, and how it stood.
+    PROVISIONAL = "provisional"  # edge: first answer; the cloud's refinement is on its way
+    REFINEMENT_LATE = "refinement_late"  # edge: no refinement within the deadline; the first answer stands
+    REFINEMENT_FAILED = "refinement_failed"  # edge: the refinement failed (see cloud_failure); the first answer stands
+    REFINEMENT_CANCELLED = "refinement_cancelled"  # edge: the caller cancelled the refinement
+
 
 
 class Timings(BaseModel):
