@@ -243,6 +243,19 @@ def _choice(s: Sweep, k: int, rule: str) -> Choice:
                   interval=(max(lo, 0.0) if lo > -np.inf else 0.0, hi))
 
 
+def guaranteed_choice(s: Sweep, promise) -> Choice:
+    """The sweep's point at a threshold chosen by :func:`router_tools.guarantee.certify`.
+
+    The threshold is kept as certified (a fixed grid value), not moved to a nicer decimal: the
+    promise is about that threshold on unseen traffic, not about this sample's split."""
+    t = float(promise.threshold)
+    k = min(int(np.searchsorted(s.thresholds, t, side="left")), len(s.thresholds) - 1)
+    rule = ", ".join(f"{name}={value:g}" for name, value in (("guarantee_accuracy", promise.accuracy),
+                                                              ("guarantee_escalation", promise.escalation))
+                     if value is not None) + f", delta={promise.delta:g}"
+    return Choice(threshold=t, index=k, rule=rule, point=s.at(t), interval=(t, t))
+
+
 def nice_threshold(lo: float, hi: float) -> float:
     """The shortest decimal ``t`` with ``lo < t <= hi`` (``t`` in [0, 1]), nearest the middle.
 

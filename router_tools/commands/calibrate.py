@@ -5,11 +5,13 @@
     hybrid-router calibrate --target-escalation 0.25 --write config/policy.yaml --plot curve.png
     hybrid-router calibrate --data my_images/ --target-accuracy 0.94 --print-patch
     hybrid-router calibrate --data labels.csv --cloud-url http://127.0.0.1:8000 --max-accuracy-drop 0.2
+    hybrid-router calibrate --guarantee-accuracy 0.97 --delta 0.05 --write config/policy.yaml
 
 Edge predictions come from the policy's edge model (default: the shipped INT8 model); cloud
 predictions from the cloud model file, or from a running v2 service with ``--cloud-url``.
 The threshold is chosen on the calibrated confidences the router will compare with it
-(:mod:`router_tools.thresholds`); ``--write`` changes only ``confidence_threshold`` in the policy
+(:mod:`router_tools.thresholds`), or with a finite-sample promise on the edge-answered accuracy
+and/or the escalation share (:mod:`router_tools.guarantee`); ``--write`` changes only ``confidence_threshold`` in the policy
 file, keeping its comments (:mod:`router_tools.policy_edit`).
 """
 
@@ -40,13 +42,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="with --refit-temperature and --write: write the edge model with the new temperature "
                              "here and point the policy's edge.manifest at it")
 
-    target = p.add_argument_group("target (exactly one)").add_mutually_exclusive_group(required=True)
+    group = p.add_argument_group("target (exactly one, or one or both --guarantee-* with --delta)")
+    target = group.add_mutually_exclusive_group()
     target.add_argument("--target-escalation", type=float, metavar="SHARE",
                         help="share of requests to escalate, e.g. 0.25")
     target.add_argument("--target-accuracy", type=float, metavar="ACC",
                         help="lowest escalation reaching this router accuracy, e.g. 0.94")
     target.add_argument("--max-accuracy-drop", type=float, metavar="PT",
                         help="lowest escalation within PT percentage points of cloud-only accuracy, e.g. 0.2")
+    group.add_argument("--guarantee-accuracy", type=float, metavar="A",
+                       help="lowest threshold such that, with probability >= 1-DELTA over this sample, the accuracy "
+                            "of edge-answered requests is >= A, e.g. 0.97")
+    group.add_argument("--guarantee-escalation", type=float, metavar="E",
+                       help="with probability >= 1-DELTA over this sample, the escalation share is <= E, e.g. 0.25")
+    group.add_argument("--delta", type=float, default=0.05,
+                       help="failure probability of the --guarantee-* promise(s) (default 0.05)")
 
     out = p.add_argument_group("output")
     out.add_argument("--write", metavar="POLICY", help="write the chosen threshold into this policy YAML")
@@ -90,6 +100,11 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1; got {args.limit}")
+    guaranteed = args.guarantee_accuracy is not None or args.guarantee_escalation is not None
+    plain = [a for a in (args.target_escalation, args.target_accuracy, args.max_accuracy_drop) if a is not None]
+    if guaranteed == bool(plain):
+        raise ConfigError("give one of --target-escalation, --target-accuracy, --max-accuracy-drop, or "
+                          "--guarantee-accuracy and/or --guarantee-escalation (with --delta)")
 
     edge_manifest = Path(args.edge_manifest or policy.edge.manifest or DEFAULT_EDGE_MANIFEST)
     edge = EdgeModel(edge_manifest)
@@ -119,8 +134,16 @@ def _run(args: argparse.Namespace) -> int:
         cloud_desc = f"{cloud.name} {cloud.version} ({cloud_manifest.name})"
 
     s = cal.sweep(edge_probs, cloud_probs, data.labels)
-    choice = cal.choose(s, target_escalation=args.target_escalation, target_accuracy=args.target_accuracy,
-                        max_accuracy_drop=args.max_accuracy_drop)
+    promise = None
+    if guaranteed:
+        from router_tools.guarantee import certify
+
+        promise = certify(edge_probs.max(axis=1), edge_probs.argmax(axis=1) == data.labels,
+                          accuracy=args.guarantee_accuracy, escalation=args.guarantee_escalation, delta=args.delta)
+        choice = cal.guaranteed_choice(s, promise)
+    else:
+        choice = cal.choose(s, target_escalation=args.target_escalation, target_accuracy=args.target_accuracy,
+                            max_accuracy_drop=args.max_accuracy_drop)
     current = s.at(policy.confidence_threshold)
 
     # ---------------------------------------------------------------- summary
@@ -149,6 +172,12 @@ def _run(args: argparse.Namespace) -> int:
         points.add_row(f"{c.point.escalation:.1%}", f"{c.threshold:g}", f"{c.point.accuracy:.2%}",
                        f"{(c.point.accuracy - s.cloud_accuracy) * 100:+.2f} pt")
     console.print(points)
+    if promise is not None:
+        console.print(f"[bold]guarantee:[/bold] {promise.statement()}; router accuracy on this sample "
+                      f"{p.accuracy:.2%} ({(p.accuracy - s.cloud_accuracy) * 100:+.2f} pt vs cloud-only)")
+        console.print(f"method: {promise.method}; {promise.tested} hypotheses tested, no correction needed for a "
+                      "fixed sequence" + ("; delta split in two for the two promises" if
+                                         promise.accuracy is not None and promise.escalation is not None else ""))
     console.print(f"ECE of the edge model: {ece0:.4f}" + (f" -> {ece1:.4f} after refit" if args.refit_temperature else ""))
     if policy.class_thresholds:
         console.print(f"[yellow]note: {policy_path} has class_thresholds {dict(policy.class_thresholds)}; "
@@ -166,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
         on = "" if args.data else f" on the {data.name}"  # a --data path is in the command already
         note = (f"Chosen by `{command_line(args)}`{on} (n={s.n}, edge model {edge.version}): "
                 f"{p.escalation:.1%} escalated, accuracy {p.accuracy:.2%}.")
+        if promise is not None:
+            note += f" Guarantee: {promise.statement()}."
         new = edit_policy(old, changes, source=str(policy_path), notes={("confidence_threshold",): note})
         if args.print_patch:
             patch = unified_diff(old, new, str(policy_path))
@@ -189,6 +220,11 @@ def _run(args: argparse.Namespace) -> int:
                      "accuracy": s.edge_accuracy, "written_manifest": str(written_manifest) if written_manifest else None},
             "cloud": {"model": cloud_desc, "accuracy": s.cloud_accuracy},
             "rule": choice.rule,
+            "guarantee": None if promise is None else {
+                "statement": promise.statement(), "delta": promise.delta, "accuracy": promise.accuracy,
+                "escalation": promise.escalation, "answered": promise.answered, "errors": promise.errors,
+                "error_bound": promise.error_bound, "escalation_bound": promise.escalation_bound,
+                "method": promise.method},
             "threshold": choice.threshold,
             "interval": list(choice.interval),
             "escalation": p.escalation,
@@ -206,11 +242,13 @@ def command_line(args: argparse.Namespace) -> str:
     import shlex
 
     parts = ["hybrid-router", "calibrate"]
-    for flag in ("target_escalation", "target_accuracy", "max_accuracy_drop", "data", "limit", "edge_manifest",
-                 "cloud_manifest", "cloud_url"):
+    for flag in ("target_escalation", "target_accuracy", "max_accuracy_drop", "guarantee_accuracy",
+                 "guarantee_escalation", "data", "limit", "edge_manifest", "cloud_manifest", "cloud_url"):
         value = getattr(args, flag, None)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), shlex.quote(str(value))]
+    if getattr(args, "guarantee_accuracy", None) is not None or getattr(args, "guarantee_escalation", None) is not None:
+        parts += ["--delta", f"{args.delta:g}"]
     if args.data is None and args.split != "validation":
         parts += ["--split", args.split]
     if args.refit_temperature:
