@@ -114,6 +114,7 @@ def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray,
         Prediction, label=req.labels[k], class_index=k, confidence=confidence, probabilities=probs.tolist(),
         source="edge", reason=verdict.reason, fallback=verdict.fallback, model_version=req.edge_version,
         timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None, cloud_failure=cloud_failure,
+        arm=req.arm,
     )
 
 
@@ -124,7 +125,7 @@ def cloud_answer(req: RouteRequest, p: np.ndarray, verdict: Verdict, model_versi
         Prediction, label=req.labels[k] if k < len(req.labels) else str(k), class_index=k, confidence=float(p[k]),
         probabilities=p.tolist(), source="cloud", reason=verdict.reason, fallback=verdict.fallback,
         model_version=model_version, timings=timings, attempts=attempts, request_id=rid, endpoint=endpoint, edge=edge,
-        cloud_failure=None,
+        cloud_failure=None, arm=req.arm,
     )
 
 
@@ -136,6 +137,9 @@ def unavailable(req: RouteRequest, verdict: Verdict, edge_error, cloud_error, fa
         msg = f"the edge model failed on {where} and privacy forbids the cloud: {edge_error}"
     elif req.mode is Mode.EDGE_ONLY:
         msg = f"the edge model failed on {where} in edge_only mode: {edge_error}"
+    elif verdict.reason is Reason.ESCALATION_BUDGET:
+        msg = (f"no answer for {where}: the escalation budget (cloud.budget) is spent"
+               + (f"; edge failed: {edge_error}" if edge_error else "; cloud_only mode has no local answer"))
     elif verdict.reason in (Reason.BREAKER_OPEN, Reason.OFFLINE) and cloud_error is None:
         cloud_error = CircuitOpen(f"no cloud endpoint is usable ({verdict.reason.value})")
         msg = f"no answer for {where}: cloud {verdict.reason.value}" + (f"; edge failed: {edge_error}" if edge_error else "")

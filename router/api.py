@@ -36,6 +36,8 @@ from edge_model.errors import EdgeModelError, InputError
 from edge_model.preprocess import PreprocessConfig, normalise, preprocess, to_pixels
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier, SessionOptions
 from router._io import IOThread
+from router.ab import ExperimentPlan
+from router.budget import budget_for
 from router.cloud import CloudClient
 from router.effects import CloudCall, LocalResult, LocalWork, Provisional, RouteRequest, Sleep
 from router.errors import CloudTimeout, ConfigError, EdgeError, InvalidInput, RouterError
@@ -72,6 +74,8 @@ class _Snapshot:
     policy: RoutingPolicy
     thresholds: tuple[float, ...]
     states: tuple[EndpointState, ...]
+    budget: Any = None  # router.budget.EscalationBudget (cloud.budget), kept across reloads
+    experiment: ExperimentPlan | None = None  # the A/B arms (policy `experiments`)
 
 
 class Router:
@@ -158,7 +162,14 @@ class Router:
         states = tuple(old.get(ep.key) or EndpointState(ep, policy.cloud, self._clock) for ep in policy.cloud.endpoints)
         for s, ep in zip(states, policy.cloud.endpoints):
             s.endpoint = ep  # same URL/model/version; other fields (priority, key env) may have changed
-        return _Snapshot(policy, policy.thresholds_for(self._labels), states)
+        prev = getattr(self, "_snap", None)
+        budget = budget_for(policy.cloud.budget, prev.budget if prev else None, self._clock)
+        plan = None
+        if policy.experiments is not None:
+            plan = ExperimentPlan.build(policy, self._labels, budget, prev.experiment if prev else None, self._clock)
+        arm_budgets = {name: r.budget for name, r in plan.routes.items() if r.budget is not budget} if plan else {}
+        self._telemetry.attach({"": budget, **arm_budgets}, policy.experiments)
+        return _Snapshot(policy, policy.thresholds_for(self._labels), states, budget, plan)
 
     def _warm(self, policy: RoutingPolicy) -> None:
         """Pay the first escalation's one-off costs now (the async stack's imports, httpx's client
@@ -261,7 +272,7 @@ class Router:
     # ------------------------------------------------------------------ request set-up
 
     def _begin(self, images: Sequence[Any], deadline_ms, privacy, mode, request_id, threshold,
-               normalised=False) -> RouteRequest:
+               normalised=False, ab_key: str | None = None) -> RouteRequest:
         if self._closed:
             raise RouterError("this router is closed")
         now = self._clock()
@@ -270,6 +281,11 @@ class Router:
             self._maybe_reload(now)
             snap = self._snap
         policy = snap.policy
+        thresholds, budget, arm = snap.thresholds, snap.budget, None
+        request_id = request_id or f"{self._id_prefix}-{next(self._ids)}"
+        if snap.experiment is not None:  # the arm's policy; explicit arguments of this call still win
+            route_ = snap.experiment.route_for(None if ab_key is None else str(ab_key), request_id)
+            policy, thresholds, budget, arm = route_.policy, route_.thresholds, route_.budget, route_.name
         try:
             mode = Mode(mode) if mode is not None else policy.mode
         except ValueError:
@@ -277,7 +293,6 @@ class Router:
         budget_ms = policy.default_deadline_ms if deadline_ms is None else float(deadline_ms)
         if not budget_ms > 0:
             raise ConfigError(f"deadline_ms must be a positive number of milliseconds; got {deadline_ms!r}")
-        thresholds = snap.thresholds
         if threshold is not None:
             if not 0 <= threshold <= 1:
                 raise ConfigError(f"threshold must be within [0, 1]; got {threshold!r}")
@@ -289,13 +304,15 @@ class Router:
             privacy=bool(privacy) or policy.privacy_mode,  # a call may add privacy, never lift the policy's
             deadline=now + budget_ms / 1000.0,
             started=now,
-            request_id=request_id or f"{self._id_prefix}-{next(self._ids)}",
+            request_id=request_id,
             labels=self._labels,
             thresholds=thresholds,
             edge_version=self._edge_version,
             endpoints=snap.states,
             rng=self._rng,
             normalised=bool(normalised),
+            budget=budget,
+            arm=arm,
         )
 
     # ------------------------------------------------------------------ local work (no I/O)
@@ -348,20 +365,25 @@ class Router:
 
     def predict(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
                 mode: str | Mode | None = None, request_id: str | None = None,
-                threshold: float | None = None, normalised: bool = False) -> Prediction:
+                threshold: float | None = None, normalised: bool = False, ab_key: str | None = None) -> Prediction:
         """Classify one image within ``deadline_ms``: anything :mod:`edge_model.preprocess`
         accepts as pixels (a path, encoded bytes, a PIL image, a uint8 array). A float array is
-        taken as model-ready input only with ``normalised=True``; otherwise it is refused."""
-        return self._run_sync(self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised))[0]
+        taken as model-ready input only with ``normalised=True``; otherwise it is refused.
+        ``ab_key``: the caller's key (user, device) for the policy's A/B experiment: the same key
+        always gets the same arm (``Prediction.arm``)."""
+        return self._run_sync(self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised,
+                                          ab_key))[0]
 
     def predict_batch(self, images: Iterable, *, deadline_ms: float | None = None, privacy: bool | None = None,
                       mode: str | Mode | None = None, request_id: str | None = None,
-                      threshold: float | None = None, normalised: bool = False) -> list[Prediction]:
+                      threshold: float | None = None, normalised: bool = False,
+                      ab_key: str | None = None) -> list[Prediction]:
         """Classify several images under one deadline; escalations go as one cloud request."""
         images = list(images)
         if not images:
             return []
-        return self._run_sync(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
+        return self._run_sync(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised,
+                                          ab_key))
 
     def _run_sync(self, req: RouteRequest) -> list[Prediction]:
         return self._drive_sync(req, route(req, self._clock))
@@ -437,17 +459,20 @@ class Router:
 
     async def apredict(self, image, *, deadline_ms: float | None = None, privacy: bool | None = None,
                        mode: str | Mode | None = None, request_id: str | None = None,
-                       threshold: float | None = None, normalised: bool = False) -> Prediction:
-        req = self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised)
+                       threshold: float | None = None, normalised: bool = False,
+                       ab_key: str | None = None) -> Prediction:
+        req = self._begin((image,), deadline_ms, privacy, mode, request_id, threshold, normalised, ab_key)
         return (await self._run_async(req))[0]
 
     async def apredict_batch(self, images: Iterable, *, deadline_ms: float | None = None, privacy: bool | None = None,
                              mode: str | Mode | None = None, request_id: str | None = None,
-                             threshold: float | None = None, normalised: bool = False) -> list[Prediction]:
+                             threshold: float | None = None, normalised: bool = False,
+                             ab_key: str | None = None) -> list[Prediction]:
         images = list(images)
         if not images:
             return []
-        return await self._run_async(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised))
+        return await self._run_async(self._begin(images, deadline_ms, privacy, mode, request_id, threshold, normalised,
+                                                 ab_key))
 
     async def _run_async(self, req: RouteRequest) -> list[Prediction]:
         return await self._drive_async(req, route(req, self._clock))
@@ -557,9 +582,17 @@ class Router:
 
         return io.submit(fetch_all()).result(timeout_s + 1.0)
 
+    def record_outcome(self, request_id: str, label: str | int) -> bool:
+        """Report the true label (name or class index) of an answered request, for the A/B
+        experiment's per-arm accuracy. False when the request id is unknown (not answered under
+        an arm, already reported, or among the oldest forgotten after 100,000 answers)."""
+        return self._telemetry.record_outcome(request_id, label)
+
     def stats(self) -> dict:
         """Counters, escalation rate, latency histograms, each endpoint's breaker and estimate,
-        and whether the edge model is available (with the error when it is not)."""
+        and whether the edge model is available (with the error when it is not); with
+        ``cloud.budget``, ``escalation_budget`` (refusals by the cap that bound, calls charged);
+        with an experiment, ``experiments`` (per-arm counts, escalation, latency, accuracy, CIs)."""
         out = self._telemetry.snapshot()
         out["endpoints"] = {
             s.endpoint.label: {

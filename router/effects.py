@@ -98,6 +98,8 @@ class RouteRequest:
     endpoints: Sequence[EndpointState] = ()
     rng: random.Random = field(default_factory=random.Random)
     normalised: bool = False
+    budget: Any = None  # router.budget.EscalationBudget, when the policy caps escalations
+    arm: Optional[str] = None  # the A/B arm this request was assigned to
     progressive: bool = False  # yield a Provisional answer before escalating (router.progressive)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from tenacity import DoAttempt, DoSleep, RetryCallState
 
 from router.answers import assemble, provisional
+from router.budget import NO_GATE, Gate, charged
 from router.effects import (CloudCall, CloudReply, Effect, LocalResult, LocalWork, Provisional, RouteOutcome,
                             RouteRequest, Sleep)
 from router.errors import CircuitOpen, CloudError, CloudRejected, CloudTimeout
@@ -74,6 +75,8 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
     views = _LazyViews(req.endpoints) if needs_net else ()
     now = clock()
     contexts, verdicts = [], []
+    # The escalation budget's cap for the next image that would escalate (looked at, not charged).
+    gate = Gate(req.budget, n, req.endpoints) if needs_net and req.budget is not None else NO_GATE
     for i in range(n):
         ctx = RouteContext(
             mode=req.mode,
@@ -85,9 +88,11 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
             confidence=conf[i] if local.probs is not None else None,
             endpoints=views,
             selection=policy.cloud.selection,
+            escalation_cap=gate.cap,
         )
         contexts.append(ctx)
-        verdicts.append(decide(ctx))
+        verdicts.append(verdict := decide(ctx))
+        gate.saw(verdict)
 
     escalate = [i for i, v in enumerate(verdicts) if v.side == "cloud"]
     if req.progressive and escalate and local.probs is not None:
@@ -104,9 +109,9 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
         rows = np.asarray(escalate)
         by_key = {s.key: s for s in req.endpoints}
         candidates = [by_key[v.key] for v in verdicts[escalate[0]].candidates]
-        reply, answering, cloud_error, attempts, bytes_sent = yield from _escalate(
+        reply, answering, cloud_error, attempts, bytes_sent = yield from charged(_escalate(
             req, clock, candidates, local.x[rows], None if local.pixels is None else local.pixels[rows], reserve
-        )
+        ), req.budget, len(escalate))
         cloud_s = clock() - t_cloud
 
     predictions = assemble(req, local, cls, conf, contexts, verdicts, escalate, reply, answering, attempts,

@@ -16,6 +16,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.ab import ExperimentSettings
+from router.budget import BudgetSettings
 from router.errors import ConfigError
 
 # The default policy ships inside the package, so ``router.predict(img)`` works from any folder of
@@ -92,6 +94,9 @@ class Endpoint(_Strict):
         False, description="allow sending the API key over plain http to a host that is not loopback")
     max_response_bytes: Optional[int] = Field(
         None, ge=1024, description="cap on a response body; default: derived from rows x classes, at least 64 KiB")
+    # --- price of one escalated image, for cloud.budget's money caps (router/budget.py)
+    price_per_call: Optional[float] = Field(None, ge=0)
+    price_per_1k_calls: Optional[float] = Field(None, ge=0, description="used when price_per_call is not set")
 
     @field_validator("url")
     @classmethod
@@ -138,6 +143,7 @@ class CloudSettings(_Strict):
     latency_max_age_s: float = Field(60.0, gt=0, description="latency samples older than this are forgotten")
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
+    budget: BudgetSettings = Field(BudgetSettings(), description="escalation caps: rate, share, money (router/budget.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -199,6 +205,7 @@ class RoutingPolicy(_Strict):
     decision_log_privacy_details: bool = Field(
         False, description="log label and confidence of privacy requests too (off: a private answer is not logged)")
     reload_check_interval_s: float = Field(1.0, ge=0, description="0 disables automatic reload on file change")
+    experiments: Optional[ExperimentSettings] = Field(None, description="A/B arms of this policy (router/ab.py)")
 
     @field_validator("class_thresholds")
     @classmethod

@@ -16,6 +16,7 @@ class Reason(str, Enum):
     OFFLINE = "offline"  # edge: no endpoint configured, or the readiness probe says none is ready
     BREAKER_OPEN = "breaker_open"  # edge: every endpoint's circuit breaker is open
     BUDGET = "budget"  # edge: the estimated cloud latency does not fit the remaining budget
+    ESCALATION_BUDGET = "escalation_budget"  # edge: an escalation cap (rate, share, cost) binds (cloud.budget)
     EDGE_ERROR = "edge_error"  # cloud: the edge model failed
     CLOUD_ERROR = "cloud_error"  # edge: the escalation failed within the deadline
     MODE = "mode"  # where the routing mode puts it (edge_only, prefer_cloud, cloud_only)
@@ -24,7 +25,6 @@ class Reason(str, Enum):
     REFINEMENT_LATE = "refinement_late"  # edge: no refinement within the deadline; the first answer stands
     REFINEMENT_FAILED = "refinement_failed"  # edge: the refinement failed (see cloud_failure); the first answer stands
     REFINEMENT_CANCELLED = "refinement_cancelled"  # edge: the caller cancelled the refinement
-
 
 
 class Timings(BaseModel):
@@ -96,6 +96,7 @@ class Prediction(BaseModel):
     endpoint: Optional[str] = None  # which cloud endpoint answered
     edge: Optional[EdgeOpinion] = None
     cloud_failure: Optional[CloudFailure] = None  # why the escalation failed, when it did
+    arm: Optional[str] = None  # the A/B arm (policy `experiments`) that routed this request
 
 
 _FIELDS = {cls: frozenset(cls.model_fields) for cls in (Timings, EdgeOpinion, Prediction)}

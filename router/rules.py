@@ -33,6 +33,8 @@ class RouteContext(NamedTuple):
     confidence: Optional[float]  # calibrated edge confidence; None when the edge did not answer
     endpoints: Sequence[EndpointView] = ()  # route() passes a lazy sequence: built only if a rule looks
     selection: str = "latency"
+    # The escalation-budget cap that binds if this image escalates (router/budget.py Gate); None: room.
+    escalation_cap: Optional[str] = None
 
     @property
     def remaining(self) -> float:
@@ -96,6 +98,13 @@ def budget_rule(ctx: RouteContext) -> Verdict | None:
     return Verdict("edge", Reason.BUDGET)
 
 
+def escalation_budget_rule(ctx: RouteContext) -> Verdict | None:
+    # After privacy, connectivity and the latency budget: those reasons say more, and cost nothing.
+    if ctx.escalation_cap is None:
+        return None
+    return _local_or_none(ctx, Reason.ESCALATION_BUDGET, fallback=False)
+
+
 def escalate_rule(ctx: RouteContext) -> Verdict:
     if ctx.mode is Mode.PREFER_EDGE:
         reason = Reason.LOW_CONFIDENCE if ctx.edge_answered else Reason.EDGE_ERROR
@@ -111,6 +120,7 @@ RULES: tuple[Callable[[RouteContext], Verdict | None], ...] = (
     confident_rule,
     connectivity_rule,
     budget_rule,
+    escalation_budget_rule,
     escalate_rule,
 )
 

@@ -9,6 +9,7 @@ import threading
 from bisect import bisect_left
 from collections import Counter
 
+from router.ab import ExperimentSettings, ExperimentStats
 from router.prediction import Prediction
 
 decision_log = logging.getLogger("router.decision")
@@ -61,6 +62,24 @@ class Telemetry:
         self.cloud_failures: Counter[str] = Counter()  # failed escalations by CloudFailure category
         self.cloud_attempts = 0
         self.bytes_sent = 0
+        self.experiment: ExperimentStats | None = None  # per-arm counts, when the policy names an experiment
+        self.budgets: dict = {}  # "" (the policy's) or an arm name -> router.budget.EscalationBudget
+
+    def attach(self, budgets: dict, experiment: ExperimentSettings | None) -> None:
+        """What the current policy routes with (called on construction and on every reload):
+        its escalation budgets, and its experiment (counts kept while the name stays)."""
+        with self._lock:
+            self.budgets = {k: b for k, b in budgets.items() if b is not None}
+            if experiment is None:
+                self.experiment = None
+            elif self.experiment is None:
+                self.experiment = ExperimentStats(experiment)
+            else:
+                self.experiment = self.experiment.reconfigure(experiment)
+
+    def record_outcome(self, request_id: str, label) -> bool:
+        experiment = self.experiment
+        return experiment.record_outcome(request_id, label) if experiment is not None else False
 
     def record(self, predictions: list[Prediction], attempts: int, bytes_sent: int, log: bool,
                details: bool = True) -> None:
@@ -82,6 +101,9 @@ class Telemetry:
                     hist = self.latency[key] = Histogram()
                 hist.observe(p.timings.total_ms)
                 self.fallbacks += p.fallback
+        experiment = self.experiment
+        if experiment is not None:
+            experiment.record(predictions)
         if log and decision_log.isEnabledFor(logging.INFO):
             for p in predictions:
                 line = {
@@ -91,6 +113,8 @@ class Telemetry:
                     "cloud_ms": round(p.timings.cloud_ms, 3), "total_ms": round(p.timings.total_ms, 3),
                     "cloud_failure": p.cloud_failure.category if p.cloud_failure is not None else None,
                 }
+                if p.arm is not None:
+                    line["arm"] = p.arm
                 if not details:
                     del line["label"], line["confidence"]
                 decision_log.info(json.dumps(line))
@@ -106,7 +130,7 @@ class Telemetry:
     def snapshot(self) -> dict:
         with self._lock:
             cloud = sum(c for (s, _), c in self.by_source_reason.items() if s == "cloud")
-            return {
+            out = {
                 "requests": self.requests,
                 "escalation_rate": cloud / self.requests if self.requests else 0.0,
                 "fallbacks": self.fallbacks,
@@ -117,3 +141,13 @@ class Telemetry:
                 "bytes_sent": self.bytes_sent,
                 "latency": {f"{s}/{r}": h.snapshot() for (s, r), h in sorted(self.latency.items())},
             }
+            budgets, experiment = dict(self.budgets), self.experiment
+        if budgets:
+            # Refusals by the cap that bound (rate, share, cost_hour, cost_day), calls charged by kind.
+            main = budgets.pop("", None)
+            out["escalation_budget"] = main.snapshot() if main is not None else {}
+            if budgets:
+                out["escalation_budget"]["arms"] = {name: b.snapshot() for name, b in budgets.items()}
+        if experiment is not None:
+            out["experiments"] = experiment.snapshot()
+        return out
