@@ -293,3 +293,32 @@ def test_privacy_progressive_opens_no_socket():
     assert result["events"] == [] and result["io"] == []
     assert not any(result["refining"]) and result["reasons"] == ["privacy"] and result["async"] == [1] * 5
     assert result["min_conf"] < 0.999  # unsure images were among them, and still nothing left the device
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_cli_predict_progressive_prints_the_first_answer_then_the_refinement(service, tmp_path):
+    import yaml
+
+    from router_tools.datasets import SAMPLES_DIR
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"confidence_threshold": 0.9999, "decision_log": False,
+                                      "cloud": {"endpoints": [{"url": service.url, "name": "svc"}]}}))
+    shirt = sorted(SAMPLES_DIR.glob("*shirt.png"))[0]  # far from certain on the edge
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "router_tools.cli", "predict", "--progressive", "--config",
+                              str(policy), "--deadline-ms", str(GENEROUS_MS), *args, str(shirt)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    rows = [json.loads(line) for line in cli("--json")]
+    assert [(r["stage"], r["source"], r["reason"]) for r in rows] == [("first", "edge", "provisional"),
+                                                                       ("final", "cloud", "low_confidence")]
+    assert rows[1]["after_first_ms"] > 0
+    lines = cli()
+    assert len(lines) == 2 and " provisional " in lines[0]
+    assert "-> " in lines[1] and "cloud low_confidence" in lines[1] and "refined in" in lines[1]
