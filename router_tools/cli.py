@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("router_tools.commands.calibrate", "choose a confidence threshold from labeled data"),
     "train": ("router_tools.train_cli", "train, export, quantize and calibrate the shipped models (train extra)"),
     "release": ("router_tools.commands.release", "sign and publish edge-model releases for device updates (release extra)"),
+    "ab": ("router_tools.commands.ab", "compare the arms of a routing A/B test from a router's stats() JSON"),
 }
 
 
