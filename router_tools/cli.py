@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cloud_service.cli", "run the cloud inference service (Open Inference Protocol v2; server distribution)"),
     "eval": ("router_tools.commands.evaluate", "evaluate edge-only / cloud-only / router on a labeled set"),
     "calibrate": ("router_tools.commands.calibrate", "choose a confidence threshold from labeled data"),
+    "advise": ("router_tools.commands.advise", "measure edge and cloud here and recommend edge-only, cloud-only or hybrid"),
     "train": ("router_tools.train_cli", "train, export, quantize and calibrate the shipped models (train extra)"),
     "release": ("router_tools.commands.release", "sign and publish edge-model releases for device updates (release extra)"),
     "ab": ("router_tools.commands.ab", "compare the arms of a routing A/B test from a router's stats() JSON"),
