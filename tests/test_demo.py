@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(200)
 
 DEADLINE_MS = 1000
 SECTIONS = ["1. Streaming shipped test images", "2. Simulated WAN (wan40: 40 ms round trip)",
-            "3. Cloud outage mid-stream", "4. Privacy mode (privacy=True)", "5. Recovery", "Summary"]
+            "3. Cloud outage mid-stream", "4. Privacy mode (privacy=True)", "5. Recovery",
+            "6. Progressive answers (predict_progressive)", "Summary"]
 
 
 def alive(pid: int) -> bool:
@@ -56,7 +57,7 @@ def demo():
 
 def test_every_stage_reports_its_condition_seen(demo):
     out, body = demo
-    for s in SECTIONS[:5]:
+    for s in SECTIONS[:6]:
         assert re.search(r"^  seen after \d+ images \([\d.]+ s\): ", body[s], re.M), (s, body[s])
         assert "NOT seen" not in body[s], body[s]
 
@@ -98,14 +99,26 @@ def test_recovery_shows_the_half_open_trial_and_escalations_resuming(demo):
     assert "breaker local closed" in recovery[trial.end():]
 
 
+def test_progressive_stage_shows_a_refinement_and_a_late_one_standing(demo):
+    _, body = demo
+    progressive = body[SECTIONS[5]]
+    assert re.search(r"provisional [\d.]+ ms -> cloud/low_confidence [\d.]+ ms", progressive), progressive
+    assert ">>> proxy adds" in progressive
+    assert re.search(r"provisional [\d.]+ ms -> edge/refinement_late [\d.]+ ms", progressive), progressive
+    m = re.search(r"^  (\d+) answered, (\d+) refined: .*; (\d+) cloud, (\d+) late", progressive, re.M)
+    assert m and int(m.group(3)) >= 1 and int(m.group(4)) >= 1, progressive
+    n = int(m.group(1))
+    assert re.search(rf"final answer in {DEADLINE_MS} ms: \d+/{n};", progressive, re.M)
+
+
 def test_log_is_compact_and_fits_80_columns(demo):
     out, body = demo
     lines = out.splitlines()
-    assert len(lines) < 80, len(lines)
+    assert len(lines) < 90, len(lines)  # six stages, about a dozen lines each, and the summary
     assert max(map(len, lines)) <= 80
     assert "\x1b[" not in out  # no terminal control sequences in a log
     table = body["Summary"]
-    for short in ("stream (loopback)", "WAN (40 ms RTT)", "cloud outage", "privacy mode", "recovery"):
+    for short in ("stream (loopback)", "WAN (40 ms RTT)", "cloud outage", "privacy mode", "recovery", "progressive"):
         assert re.search(rf"^{re.escape(short)}\s+\d+\s+[\d.]+%", table, re.M), table
 
 

@@ -13,7 +13,10 @@ through :class:`router.Router`, then walks through the scenarios that matter:
 4. **privacy mode** -- ``privacy=True``: zero cloud calls and zero connections (router stats and
    the proxy's connection counter), while the service restarts in the background;
 5. **recovery** -- the service is back: once the breaker's open period has passed it half-opens,
-   a trial escalation succeeds, it closes, escalations resume.
+   a trial escalation succeeds, it closes, escalations resume;
+6. **progressive answers** -- ``predict_progressive``: the edge's answer at once, the cloud's
+   refinement when it lands; then the proxy slows beyond the deadline and a late refinement
+   leaves the first answer standing (``refinement_late``).
 
 Each stage runs until its condition has been seen (after a minimum number of images, so its
 figures mean something) or its time bound passes, and says which: how fast this machine answers
@@ -71,6 +74,7 @@ class Stage:
     privacy: bool = False
     pace_s: Optional[float] = None  # None: the demo's pace
     before: Optional[Callable[[int], None]] = None  # called with the image number before each request
+    progressive: bool = False  # predict_progressive: first answer, then the refinement
 
 
 class _Demo:
@@ -187,9 +191,30 @@ class _Demo:
                     "half-open trial passed, escalations resumed",
                     _recovered, k, max(bound, DEMO_BREAKER_OPEN_S + bound),
                     pace_s=max(self.pace_s, RECOVERY_PACE_S)))
+                self.progressive_stage(router, proxy, k, bound)
             self.final_summary(router)
         self.check_clean()
         return 0
+
+    def progressive_stage(self, router, proxy, k: int, bound: float) -> None:
+        """Stage 6: first answers at once, refinements from the cloud; once one has landed, the
+        proxy adds more than the deadline to each round trip, so a refinement comes too late."""
+        slow_ms = 2.0 * self.deadline_ms
+
+        def slow_down(j: int) -> None:
+            if proxy.mode.value != "slow" and any(r["source"] == "cloud" for r in self._stage_rows):
+                proxy.set_mode("slow", slow_ms=slow_ms)
+                self.event(j, f">>> proxy adds {slow_ms:g} ms per round trip (beyond the deadline)")
+
+        try:
+            self.stage(router, proxy, Stage(
+                "6. Progressive answers (predict_progressive)", "progressive",
+                "The edge answers at once; the cloud refines it within the deadline.",
+                "cloud refinement, then a late one standing",
+                lambda rows: _any(rows, "cloud") and _any(rows, "edge", "refinement_late"),
+                k, bound, before=slow_down, progressive=True))
+        finally:
+            proxy.set_mode("normal")
 
     # ------------------------------------------------------------------ helpers
     def _restart(self, svc) -> None:
@@ -233,6 +258,7 @@ class _Demo:
         self._stats0, self._proxy0 = router.stats(), proxy.stats()
         self.events = 0
         rows: list[dict] = []
+        self._stage_rows = rows  # what a stage's ``before`` hook may look at
         kinds: set[str] = set()
         state = self.breaker_state(router)
         if state != "closed":
@@ -256,7 +282,7 @@ class _Demo:
                     break
                 if st.before is not None:
                     st.before(j)
-                row = self.one(router, j, privacy=st.privacy, state_before=state)
+                row = self.one(router, j, privacy=st.privacy, state_before=state, progressive=st.progressive)
                 rows.append(row)
                 self.describe(j, row, kinds)
                 state = row["breaker_after"]
@@ -275,30 +301,49 @@ class _Demo:
         s["connections"] = proxy1.connections_accepted - self._proxy0.connections_accepted
         s["breaker"] = self.breaker(router)
         self.results.append((st.short, s))
-        self.print_summary(s, privacy=st.privacy)
+        if st.progressive:
+            self.print_progressive(s, rows)
+        else:
+            self.print_summary(s, privacy=st.privacy)
 
-    def one(self, router, j: int, *, privacy: bool, state_before: str) -> dict:
+    def one(self, router, j: int, *, privacy: bool, state_before: str, progressive: bool = False) -> dict:
         import time
 
         idx = self.next_image % len(self.labels)
         self.next_image += 1
         t0 = time.perf_counter()
-        p = router.predict(self.images[idx], deadline_ms=self.deadline_ms, privacy=privacy or None)
+        first_ms = None
+        if progressive:
+            h = router.predict_progressive(self.images[idx], deadline_ms=self.deadline_ms, privacy=privacy or None)
+            first_ms = (time.perf_counter() - t0) * 1000.0  # the caller has an answer from here on
+            p = h.final()
+            first = h.first if h.refining else None
+        else:
+            p = router.predict(self.images[idx], deadline_ms=self.deadline_ms, privacy=privacy or None)
         ms = (time.perf_counter() - t0) * 1000.0
         label = int(self.labels[idx])
-        return {"n": j + 1, "image": idx, "label": label, "pred": p.class_index, "answer": p.label,
-                "source": p.source, "reason": p.reason.value, "fallback": p.fallback, "ms": ms,
-                "ok": p.class_index == label, "breaker_before": state_before,
-                "breaker_after": self.breaker_state(router)}
+        row = {"n": j + 1, "image": idx, "label": label, "pred": p.class_index, "answer": p.label,
+               "source": p.source, "reason": p.reason.value, "fallback": p.fallback, "ms": ms,
+               "ok": p.class_index == label, "breaker_before": state_before,
+               "breaker_after": self.breaker_state(router)}
+        if progressive:
+            row["first_ms"] = first_ms
+            row["refined"] = first is not None
+            row["first_ok"] = (first or p).class_index == label
+        return row
 
     def describe(self, j: int, r: dict, kinds: set[str]) -> None:
         """Log the first answer of each kind in the stage and every change of the breaker."""
         import time
 
         kind = f"{r['source']}/{r['reason']}" + (" (fallback)" if r["fallback"] else "")
-        if kind not in kinds:
+        if kind not in kinds and r.get("refined", True):  # a progressive stage shows refined answers only
             kinds.add(kind)
-            self.event(j, f"first {kind}: {r['answer']} {'✓' if r['ok'] else '✗'} in {r['ms']:.1f} ms")
+            if r.get("refined"):  # a progressive answer: the first at once, then this one
+                self.event(j, f"provisional {r['first_ms']:.1f} ms -> {r['source']}/{r['reason']} {r['ms']:.1f} ms: "
+                              f"{r['answer']} {'✓' if r['ok'] else '✗'}")
+            else:
+                self.event(j, f"first {kind}: {r['answer']} {'✓' if r['ok'] else '✗'} in {r['ms']:.1f} ms")
         before, after = r["breaker_before"], r["breaker_after"]
         if before == after:
             return
@@ -382,6 +427,20 @@ class _Demo:
             ok = s["cloud_calls"] == 0 and s["connections"] == 0 and s["escalated"] == 0
             c.print(f"  [{'green' if ok else 'red'}]privacy: {s['cloud_calls']} cloud calls, {s['connections']} "
                     f"connections: {'nothing left the device' if ok else 'VIOLATED'}[/]")
+
+    def print_progressive(self, s: dict, rows: list[dict]) -> None:
+        """Two lines: when the caller had an answer, and what became of the refinements."""
+        refined = [r for r in rows if r.get("refined")]
+        first = [r["first_ms"] for r in refined]
+        landed = sum(r["source"] == "cloud" for r in refined)
+        late = sum(r["reason"] == "refinement_late" for r in refined)
+        failed = sum(r["reason"] == "refinement_failed" for r in refined)
+        mean_first = f"{sum(first) / len(first):.1f}" if first else "-"
+        self.console.print(f"  {s['n']} answered, {len(refined)} refined: first answer mean {mean_first} ms; "
+                           f"{landed} cloud, {late} late, {failed} failed")
+        # (no call count here: a late refinement's attempt may still be ending when the stage does)
+        self.console.print(f"  final answer in {self.deadline_ms:g} ms: {s['within_deadline']}/{s['n']}; "
+                           f"breaker {s['breaker']}")
 
     def final_summary(self, router) -> None:
         from rich import box
