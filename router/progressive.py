@@ -63,7 +63,7 @@ class ProgressiveHandle:
                  clock: Callable[[], float] = lambda: 0.0) -> None:
         self.first = first
         self.refining = refining  # False: there is no refinement; final() is first
-        self._deadline = deadline  # the request's, on ``clock``
+        self._deadline = deadline  # when the refinement is late, on ``clock``
         self._started = started
         self._clock = clock
         self._lock = threading.Lock()
@@ -153,7 +153,10 @@ def start(router: "Router", req: RouteRequest) -> ProgressiveHandle:
     got = router._drive_sync(req, gen)
     if not isinstance(got, Provisional):  # nothing to refine: the flow ran to its end here
         return ProgressiveHandle(got[0], refining=False)
-    handle = ProgressiveHandle(got.predictions[0], refining=True, deadline=req.deadline, started=req.started,
+    # The flow's last attempt ends by deadline - reserve (the reserve pays for answering); settling
+    # there too makes final() return when predict() would have, whatever the I/O loop's timer grain.
+    settle_by = req.deadline - req.policy.budget_reserve_ms / 1000.0
+    handle = ProgressiveHandle(got.predictions[0], refining=True, deadline=settle_by, started=req.started,
                                clock=router._clock)
     try:
         io = router._start_io()
