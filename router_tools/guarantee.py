@@ -6,21 +6,26 @@ The promises, over the draw of the calibration sample (i.i.d. from the traffic t
   chosen threshold (confidence ``c >= t``) is >= ``A``;
 * escalation: with probability >= 1 - delta, the share escalated (``c < t``) is <= ``E``.
 
-Method: Learn-then-Test (Angelopoulos et al., 2021) with fixed-sequence testing over a fixed grid
-of thresholds, each hypothesis tested with an exact one-sided binomial (Clopper-Pearson) test.
+Method: Learn-then-Test (Angelopoulos et al., 2021) with the fallback procedure (Wiens, 2003; a
+fixed sequence that can restart) over a fixed grid of thresholds, each hypothesis tested with an
+exact one-sided binomial (Clopper-Pearson) test.
 
 * Accuracy. For a grid threshold ``t`` the null is ``H_t: P(edge wrong | c >= t) > 1 - A``.
   Given how many calibration examples the edge answers at ``t`` (``n_t``), its errors ``k_t`` are
   Binomial(n_t, p_t), so ``H_t`` is rejected at level delta when ``P(X <= k_t; n_t, 1 - A) <= delta``
   (equivalently: the Clopper-Pearson upper bound on the error rate is <= 1 - A). The grid is walked
-  from the most conservative threshold (:data:`GRID` starts at 0.9999) downwards and stops at the
-  first threshold not rejected; the lowest rejected one is chosen. Fixed-sequence testing controls
-  the family-wise error at delta *without* dividing delta by the number of thresholds (the order is
-  fixed before the data is seen), and needs no monotonicity of the conditional error in ``t`` --
-  which does not hold in general; Bonferroni over ~1,000 thresholds would cost a factor ~1,000 in
-  delta, and conformal risk control bounds the *joint* risk ``P(c >= t and wrong)`` in expectation,
-  not the conditional accuracy with probability 1 - delta that an operator reads as "edge answers
-  are >= A accurate".
+  from the most conservative threshold (:data:`GRID` starts at 0.9999) downwards; the level of each
+  test is its own share of delta (:data:`ENTRIES`: delta / 4 at each of 0.9999, 0.999, 0.99 and 0.9,
+  nothing elsewhere) plus the whole level of the previous test when that one was rejected. Any
+  rejected threshold is then safe with probability >= 1 - delta (family-wise error control, for any
+  fixed order, without monotonicity of the conditional error in ``t`` -- which does not hold in
+  general), and the lowest rejected one is chosen. Once the walk has passed all four entry points
+  unbroken, thresholds are tested at the full delta, as in plain fixed-sequence testing; the entry
+  points let the walk restart below the very top, where a model with few near-certain answers (or
+  one class) has too few examples for any test to pass. Bonferroni over ~1,400 thresholds would
+  cost a factor ~1,400 in delta, and conformal risk control bounds the *joint* risk
+  ``P(c >= t and wrong)`` in expectation, not the conditional accuracy with probability 1 - delta
+  that an operator reads as "edge answers are >= A accurate".
 * Escalation. The share escalated ``q_t = P(c < t)`` rises with ``t``; ``H_t: q_t > E`` is rejected
   when ``P(X <= k_t; n, E) <= delta`` with ``k_t`` the escalated count, walking the grid upwards;
   the highest rejected threshold is the most accurate one that keeps the promise.
@@ -46,6 +51,7 @@ import numpy as np
 
 from router_tools.thresholds import CalibrationError
 
+ENTRIES: tuple[float, ...] = (0.9999, 0.999, 0.99, 0.9)  # each starts a walk with delta / 4
 GRID: np.ndarray = np.concatenate([
     np.round(np.arange(9999, 8999, -1) / 10000.0, 4),  # 0.9999 .. 0.9000
     np.round(np.arange(899, 499, -1) / 1000.0, 3),  # 0.899 .. 0.500
@@ -141,7 +147,7 @@ class Guarantee:
     error_bound: float = 1.0  # Clopper-Pearson upper bound on the edge-answered error rate (level of its test)
     escalation_bound: float = 1.0  # Clopper-Pearson upper bound on the escalation share
     tested: int = 0  # hypotheses tested in the fixed sequences
-    method: str = "Learn-then-Test, fixed-sequence, exact binomial (Clopper-Pearson)"
+    method: str = "Learn-then-Test, fallback procedure over a fixed grid, exact binomial (Clopper-Pearson)"
 
     @property
     def escalation_share(self) -> float:
@@ -165,7 +171,8 @@ class Guarantee:
 
 
 def certify(confidence: np.ndarray, edge_correct: np.ndarray, *, accuracy: Optional[float] = None,
-            escalation: Optional[float] = None, delta: float = 0.05, grid: np.ndarray = GRID) -> Guarantee:
+            escalation: Optional[float] = None, delta: float = 0.05, grid: np.ndarray = GRID,
+            entries: tuple[float, ...] = ENTRIES) -> Guarantee:
     """The lowest grid threshold keeping the promise(s) (see the module docstring).
 
     ``confidence``: the edge's calibrated top probability per calibration example; ``edge_correct``:
@@ -194,14 +201,23 @@ def certify(confidence: np.ndarray, edge_correct: np.ndarray, *, accuracy: Optio
     t_acc = None
     if accuracy is not None:
         answered_all, errors_all = n - below, wrong_above[below]
-        rejected = (answered_all > 0) & (binom_cdf_many(errors_all, answered_all, 1.0 - accuracy) <= each)
-        stop = int(np.argmin(rejected)) if not rejected.all() else len(grid)  # first hypothesis kept
-        tested += min(stop + 1, len(grid))
-        t_acc = stop - 1 if stop > 0 else None
+        p_values = np.where(answered_all > 0, binom_cdf_many(errors_all, answered_all, 1.0 - accuracy), 1.0)
+        is_entry = np.isclose(grid[:, None], np.asarray(entries, dtype=np.float64)[None, :], rtol=0, atol=1e-12).any(axis=1)
+        starts = np.flatnonzero(is_entry).tolist() or [0]
+        weight = [0.0] * len(grid)
+        for i in starts:
+            weight[i] = each / len(starts)
+        level, last, t_acc = 0.0, False, None
+        for i, p_value in enumerate(p_values.tolist()):  # the fallback procedure: a rejection passes its level on
+            level = weight[i] + (level if last else 0.0)
+            tested += level > 0
+            last = level > 0 and p_value <= level
+            if last:
+                t_acc = i  # descending grid: the last rejected is the lowest threshold
         if t_acc is None:
-            top = grid[0]
-            answered = n - int(below[0])
-            errors = int(wrong_above[below[0]])
+            top = grid[starts[0]]
+            answered = n - int(below[starts[0]])
+            errors = int(wrong_above[below[starts[0]]])
             raise CalibrationError(
                 f"no threshold guarantees edge-answered accuracy >= {accuracy:.2%} at delta={delta:g} from these "
                 f"{n} examples (at the most conservative threshold {top:g} the edge answers {answered} with "

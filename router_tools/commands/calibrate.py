@@ -175,8 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     if promise is not None:
         console.print(f"[bold]guarantee:[/bold] {promise.statement()}; router accuracy on this sample "
                       f"{p.accuracy:.2%} ({(p.accuracy - s.cloud_accuracy) * 100:+.2f} pt vs cloud-only)")
-        console.print(f"method: {promise.method}; {promise.tested} hypotheses tested, no correction needed for a "
-                      "fixed sequence" + ("; delta split in two for the two promises" if
+        console.print(f"method: {promise.method}; {promise.tested} hypotheses tested without a per-threshold "
+                      "correction" + ("; delta split in two for the two promises" if
                                          promise.accuracy is not None and promise.escalation is not None else ""))
     console.print(f"ECE of the edge model: {ece0:.4f}" + (f" -> {ece1:.4f} after refit" if args.refit_temperature else ""))
     if policy.class_thresholds:
