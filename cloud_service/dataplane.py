@@ -7,12 +7,19 @@
 app maps those to HTTP in one table. Foreign errors (``ProtocolError``, ``edge_model`` input
 errors, onnxruntime failures) are translated here, where they enter.
 
-Model input as served (Open Inference Protocol metadata):
+Model input as served (Open Inference Protocol metadata), from the model's manifest contract
+(``edge_model.manifest``): the shipped model takes
 
 * ``input`` ``FP32 [-1, 1, 28, 28]`` -- normalised exactly as in training, or
 * the same tensor as ``UINT8`` raw pixels ``[N, 1, 28, 28]`` or ``[N, 28, 28]`` (4x smaller on the
   wire; normalised here with the shared preprocessing). FP32 also accepts ``[N, 28, 28]``.
   The metadata advertises this in the input's ``parameters``.
+
+Any other image model the same way in its own shape, layout and channel count (UINT8 pixels in
+the model's layout, e.g. ``[N, 3, 224, 224]``); a ``uint8``-input model takes UINT8 only; a
+``codec: tensor`` model (text, tabular) takes its declared datatype and shape as they are.
+The model metadata's ``parameters`` carry the labels (``labels`` comma-joined, ``labels_json``,
+``labels_sha256``) so a client can check that its class names are the server's.
 
 Outputs: ``probabilities`` ``FP32 [-1, 10]`` (temperature-calibrated softmax) and ``logits``
 ``FP32 [-1, 10]`` (raw). Without ``outputs`` in the request both are returned, as the protocol
@@ -22,6 +29,7 @@ says; name one to get only that.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -52,6 +60,7 @@ OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_LOGITS = "logits"
 OUTPUTS = (OUTPUT_PROBABILITIES, OUTPUT_LOGITS)
 ACCEPTED_DATATYPES = ("FP32", "UINT8")
+V2_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int64": "INT64", "int32": "INT32"}
 # Requests bigger than this are decoded in a thread rather than on the event loop.
 _OFFLOAD_ELEMENTS = 64 * 784
 
@@ -77,7 +86,18 @@ class ServedModel:
         self.version = str(classifier.version)
         self.labels = tuple(classifier.labels)
         self.input_name = classifier.input_name
-        self.height, self.width = classifier.input_shape
+        self.config = classifier.preprocess_config
+        self.sample_shape: tuple[int, ...] = tuple(classifier.sample_shape)
+        self.input_dtype = np.dtype(classifier.input_dtype)
+        self.image = self.config.codec == "image"
+        self.height, self.width = (self.config.height, self.config.width) if self.image else (0, 0)
+        self.datatype = V2_DATATYPES[self.input_dtype.name]
+        if not self.image:
+            self.accepted = (self.datatype,)
+        elif self.datatype == "UINT8":
+            self.accepted = ("UINT8",)
+        else:
+            self.accepted = tuple(dict.fromkeys(("FP32", self.datatype, "UINT8")))
         self._normalise = normalise
         self.ready = False
         b, rt = settings.batching, settings.runtime
@@ -94,8 +114,10 @@ class ServedModel:
 
     # Runs on a worker thread: one ONNX Runtime call per batch, both outputs from it.
     def _execute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits = self.classifier.logits(x)
-        return calibrated_softmax(logits, self.classifier.temperature), logits
+        raw = self.classifier.logits(x)  # logits, or what the graph emits (the manifest's output_kind)
+        if self.classifier.output_kind == "logits":
+            return calibrated_softmax(raw, self.classifier.temperature), raw
+        return self.classifier.to_probabilities(raw), raw
 
     def metadata(self) -> protocol.ModelMetadataResponse:
         n = len(self.labels)
@@ -103,7 +125,7 @@ class ServedModel:
             name=self.name,
             versions=[self.version],
             platform=protocol.PLATFORM_ONNX,
-            inputs=[protocol.MetadataTensor(name=self.input_name, datatype="FP32", shape=[-1, 1, self.height, self.width])],
+            inputs=[protocol.MetadataTensor(name=self.input_name, datatype=self.datatype, shape=[-1, *self.sample_shape])],
             outputs=[
                 protocol.MetadataTensor(name=OUTPUT_PROBABILITIES, datatype="FP32", shape=[-1, n]),
                 protocol.MetadataTensor(name=OUTPUT_LOGITS, datatype="FP32", shape=[-1, n]),
@@ -113,14 +135,21 @@ class ServedModel:
     def metadata_dict(self) -> dict:
         """Protocol metadata plus what a strict v2 schema has no field for (extra fields are allowed)."""
         data = self.metadata().model_dump(exclude_none=True)
-        data["inputs"][0]["parameters"] = {
-            "accepted_datatypes": ",".join(ACCEPTED_DATATYPES),
-            "uint8_shapes": f"[-1,1,{self.height},{self.width}] or [-1,{self.height},{self.width}] raw pixels 0-255",
-        }
+        from edge_model.manifest import labels_digest
+
+        pixel = ",".join(str(d) for d in self.config.pixel_shape) if self.image else ""
+        data["inputs"][0]["parameters"] = {"accepted_datatypes": ",".join(self.accepted)}
+        if self.image:
+            data["inputs"][0]["parameters"]["uint8_shapes"] = (
+                f"[-1,{','.join(str(d) for d in self.sample_shape)}] or [-1,{pixel}] raw pixels 0-255"
+                if self.config.channels == 1 else f"[-1,{pixel}] raw pixels 0-255 in the model's layout")
         data["parameters"] = {
-            "accepts_uint8_pixels": True,  # the router's v2 client looks for this to send compact UINT8
+            "accepts_uint8_pixels": self.image,  # the router's v2 client looks for this to send compact UINT8
             "labels": ",".join(self.labels),
-            "probabilities": "temperature-calibrated softmax",
+            "labels_json": json.dumps(list(self.labels), ensure_ascii=False),
+            "labels_sha256": labels_digest(self.labels),
+            "probabilities": "temperature-calibrated softmax" if self.classifier.output_kind == "logits"
+            else f"the model's {self.classifier.output_kind}, renormalised",
         }
         return data
 
@@ -132,12 +161,16 @@ class ServedModel:
         tensor = request.inputs[0]
         if tensor.name != self.input_name:
             raise InvalidRequest(f"unknown input {tensor.name!r}; this model's input is {self.input_name!r}")
-        if tensor.datatype not in ACCEPTED_DATATYPES:
-            raise InvalidRequest(f"input {tensor.name!r}: datatype {tensor.datatype!r} not accepted; use FP32 or UINT8")
-        h, w = self.height, self.width
+        if tensor.datatype not in self.accepted:
+            raise InvalidRequest(f"input {tensor.name!r}: datatype {tensor.datatype!r} not accepted; use "
+                                 f"{' or '.join(self.accepted)}")
         shape = list(tensor.shape)
-        if not (len(shape) == 4 and shape[1:] == [1, h, w]) and not (len(shape) == 3 and shape[1:] == [h, w]):
-            raise InvalidRequest(f"input {tensor.name!r}: shape {shape} not accepted; use [N, 1, {h}, {w}] or [N, {h}, {w}]")
+        if not self._shape_ok(shape, tensor.datatype):
+            shapes = [[-1, *self.sample_shape]]
+            if self.image and self.config.channels == 1:
+                shapes.append([-1, self.height, self.width])
+            wanted = " or ".join(str(s).replace("-1", "N", 1) for s in shapes)
+            raise InvalidRequest(f"input {tensor.name!r}: shape {shape} not accepted; use {wanted}")
         if shape[0] < 1:
             raise InvalidRequest(f"input {tensor.name!r}: batch dimension must be >= 1, got {shape[0]}")
         try:
@@ -145,13 +178,16 @@ class ServedModel:
                 arr = protocol.decode_tensor(tensor)
         except ProtocolError as exc:
             raise InvalidRequest(str(exc)) from None
-        if tensor.datatype == "UINT8":
-            x = self._normalise(arr, self.classifier.preprocess_config)
+        if not self.image:
+            x = np.ascontiguousarray(arr.reshape(shape), dtype=self.input_dtype)
         else:
-            if not np.isfinite(arr).all():
-                raise InvalidRequest(f"input {tensor.name!r}: FP32 data contains NaN or infinite values")
-            x = arr
-        x = np.ascontiguousarray(x.reshape(shape[0], 1, h, w), dtype=np.float32)
+            if tensor.datatype == "UINT8":
+                x = self._normalise(arr, self.config)
+            else:
+                if not np.isfinite(arr).all():
+                    raise InvalidRequest(f"input {tensor.name!r}: {tensor.datatype} data contains NaN or infinite values")
+                x = arr
+            x = np.ascontiguousarray(x.reshape(shape[0], *self.sample_shape), dtype=self.input_dtype)
         outputs = OUTPUTS
         if request.outputs:
             names = [o.name for o in request.outputs]
@@ -160,6 +196,13 @@ class ServedModel:
                 raise InvalidRequest(f"unknown output {unknown[0]!r}; this model's outputs are {list(OUTPUTS)}")
             outputs = tuple(dict.fromkeys(names))
         return x, outputs
+
+    def _shape_ok(self, shape: list[int], datatype: str) -> bool:
+        want = list(self.sample_shape)
+        if len(shape) == len(want) + 1 and all(w < 0 or d == w for d, w in zip(shape[1:], want)):
+            return True
+        # One-channel images may leave the channel out ([N, H, W]), as the first format allowed.
+        return self.image and self.config.channels == 1 and shape[1:] == [self.height, self.width]
 
     def encode(self, request: InferenceRequest, outputs: tuple[str, ...], result: tuple[np.ndarray, np.ndarray]) -> InferenceResponse:
         """The response with each output's ``data`` as a numpy array (``cloud_service.wire`` renders it)."""
@@ -297,7 +340,7 @@ def _time_batches(model: ServedModel, sizes: tuple[int, ...], runs: int = 3) -> 
     """Best of ``runs`` timings of each batch size (the first run of a size also warms it up)."""
     timings = []
     for n in dict.fromkeys(sizes):
-        x = np.zeros((n, 1, model.height, model.width), np.float32)
+        x = np.zeros((n, *(d if d > 0 else 1 for d in model.sample_shape)), model.input_dtype)
         model._execute(x)
         best = float("inf")
         for _ in range(runs):

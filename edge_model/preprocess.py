@@ -1,8 +1,19 @@
 """Shared preprocessing: any image a client may hold -> the model's normalised input.
 
 One module used by the edge runtime, the router and the cloud service, so both sides see
-exactly what training saw: ``x = (pixel / 255 - mean) / std`` on a 28x28 grayscale image with
-a dark background.
+exactly what training saw: ``x = (pixel * scale - mean) / std`` (scalar or per-channel mean/std)
+on an image of the model's size, colour (L, RGB or BGR) and layout (NCHW or NHWC), resized by
+the manifest's policy (letterbox, stretch, or shorter side + centre crop). The defaults are the
+shipped Fashion-MNIST model's: 28x28 grayscale, ``scale`` 1/255, letterbox with Lanczos, and
+bright-border images inverted (``invert="auto"``); a manifest's contract (``from_input_spec``)
+leaves inversion off unless it asks. ``uint8``-input models take the pixels as they are; a
+``codec="tensor"`` model (text, tabular) takes an array of its declared shape and dtype, passed
+straight through.
+
+Colour images keep their colour for RGB/BGR models; transparency is composited onto white there
+(onto black for grayscale models, the Fashion-MNIST background). Raw pixels (the UINT8 wire
+format, :func:`to_pixels`) are ``[H, W]`` for one-channel models and in the model's own layout
+(``[3, H, W]`` or ``[H, W, 3]``) and channel order otherwise.
 
 Accepted inputs (``Image`` below):
 
@@ -40,7 +51,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Literal, Union
+from functools import lru_cache
+from typing import IO, Literal, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -53,34 +65,118 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[byt
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
+def _values(v) -> tuple[float, ...]:
+    return tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else (float(v),)
+
+
+INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
+}
+RESIZE_POLICIES = ("letterbox", "stretch", "shorter_side_center_crop")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     height: int = 28
     width: int = 28
-    mean: float = 0.2860
-    std: float = 0.3530
+    mean: Union[float, tuple[float, ...]] = 0.2860  # scalar, or one per channel
+    std: Union[float, tuple[float, ...]] = 0.3530
     max_pixels: int = 25_000_000  # width x height from the header; refused before decoding
     max_bytes: int = 32 * 1024 * 1024  # encoded size read from a path or file object
     # Fashion-MNIST shows light objects on black. "auto" inverts decoded images whose border is
     # bright (a product photo on white); arrays are never inverted.
     invert: Literal["auto", "never", "always"] = "auto"
+    color: Literal["L", "RGB", "BGR"] = "L"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "float16", "uint8", "int64", "int32"] = "float32"
+    scale: float = 1 / 255
+    resize: Literal["letterbox", "stretch", "shorter_side_center_crop"] = "letterbox"
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "lanczos"
+    crop_fraction: float = 0.875
+    codec: Literal["image", "tensor"] = "image"
+    tensor_shape: Optional[tuple[int, ...]] = None  # codec "tensor": one sample's shape, -1 = dynamic
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "max_pixels", "max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"PreprocessConfig.{name} must be a positive integer; got {value!r}")
-        if not (self.std > 0 and np.isfinite(self.std)) or not np.isfinite(self.mean):
+        means, stds = _values(self.mean), _values(self.std)
+        if not all(s > 0 and np.isfinite(s) for s in stds) or not all(np.isfinite(m) for m in means):
             raise ValueError(f"PreprocessConfig.std must be finite and > 0 and mean finite; got mean={self.mean!r} std={self.std!r}")
         if self.invert not in ("auto", "never", "always"):
             raise ValueError(f"PreprocessConfig.invert must be 'auto', 'never' or 'always'; got {self.invert!r}")
+        if self.color not in ("L", "RGB", "BGR") or self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"PreprocessConfig: color must be L, RGB or BGR and layout NCHW or NHWC; "
+                             f"got {self.color!r}, {self.layout!r}")
+        if self.resize not in RESIZE_POLICIES or self.interpolation not in INTERPOLATION:
+            raise ValueError(f"PreprocessConfig: resize must be one of {RESIZE_POLICIES} and interpolation one of "
+                             f"{tuple(INTERPOLATION)}; got {self.resize!r}, {self.interpolation!r}")
+        if not (0 < self.crop_fraction <= 1) or not (self.scale > 0 and np.isfinite(self.scale)):
+            raise ValueError(f"PreprocessConfig: crop_fraction must be in (0, 1] and scale > 0; "
+                             f"got {self.crop_fraction!r}, {self.scale!r}")
+        for name, vals in (("mean", means), ("std", stds)):
+            if len(vals) not in (1, self.channels):
+                raise ValueError(f"PreprocessConfig.{name} must be one value or one per channel ({self.channels}); got {vals}")
+        if self.codec == "tensor" and not self.tensor_shape:
+            raise ValueError("PreprocessConfig: codec 'tensor' needs tensor_shape (one sample's shape)")
 
     @classmethod
     def from_input_spec(cls, spec, **overrides) -> "PreprocessConfig":
-        return cls(height=spec.height, width=spec.width, mean=spec.mean, std=spec.std, **overrides)
+        """The preprocessing a manifest's :class:`~edge_model.manifest.InputSpec` declares."""
+        def scalar_or_tuple(v):
+            return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
+
+        if spec.codec == "tensor":
+            fields = dict(codec="tensor", dtype=spec.dtype, tensor_shape=tuple(spec.shape[1:]), invert="never")
+        else:
+            fields = dict(
+                height=spec.height, width=spec.width, mean=scalar_or_tuple(spec.mean), std=scalar_or_tuple(spec.std),
+                invert=spec.invert, color=spec.color, layout=spec.layout, dtype=spec.dtype, scale=spec.scale,
+                resize=spec.resize, interpolation=spec.interpolation, crop_fraction=spec.crop_fraction,
+            )
+        return cls(**{**fields, **overrides})
+
+    # -- derived shapes (properties, not fields: ``PreprocessConfig(**cfg.__dict__)`` must keep working)
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "L" else 3
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample of model input (no batch dimension): ``(C, H, W)``, ``(H, W, C)`` or the tensor's."""
+        if self.codec == "tensor":
+            return tuple(self.tensor_shape or ())
+        c, h, w = self.channels, self.height, self.width
+        return (c, h, w) if self.layout == "NCHW" else (h, w, c)
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """One image as raw ``uint8`` pixels: ``(H, W)`` for one channel, else the model's layout."""
+        return (self.height, self.width) if self.channels == 1 else self.sample_shape
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
 
 
 DEFAULT_CONFIG = PreprocessConfig()
+
+
+@lru_cache(maxsize=64)
+def _channel_stats(mean, std, channels: int, layout: str):
+    """mean and std as float32 scalars, or arrays that broadcast along the channel axis of pixels
+    in the model's layout (``[..., C, H, W]`` or ``[..., H, W, C]``)."""
+    out = []
+    for v in (mean, std):
+        vals = _values(v)
+        if len(vals) == 1 or len(set(vals)) == 1:
+            out.append(np.float32(vals[0]))
+        else:
+            arr = np.asarray(vals, dtype=np.float32)
+            out.append(arr.reshape(channels, 1, 1) if layout == "NCHW" else arr)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- decode memory budget
@@ -173,7 +269,11 @@ def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, n
 
     A float array has no pixel form: with ``normalised=True`` it is model input (use
     :func:`preprocess`), without it the float-pixel error of :func:`preprocess` is raised.
+    Colour models get ``uint8`` pixels in their own layout and channel order (``config.pixel_shape``).
     """
+    if config.codec == "tensor":
+        raise ArrayInputError("this model takes a tensor, not an image: pass a numpy array of shape "
+                              f"{list(config.sample_shape)} ({config.dtype})")
     if isinstance(image, np.ndarray):
         if np.issubdtype(image.dtype, np.floating):
             if normalised:
@@ -186,12 +286,19 @@ def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, n
 
 
 def normalise(pixels: np.ndarray, config: PreprocessConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """``uint8 [..., H, W]`` -> ``float32`` model input, exactly as training did.
+    """``uint8`` pixels (``[..., *pixel_shape]``) -> model input of the same shape, exactly as training did.
 
-    The same float32 operations in the same order as ``router_tools.train.normalise``, so the
-    result is bit-identical to what the model was trained and measured on.
+    The same float32 operations in the same order as ``router_tools.train.normalise``
+    (``pixel / (1/scale) - mean) / std``; 1/scale is exactly 255.0 in float32 for the default
+    scale), so the result is bit-identical to what the model was trained and measured on.
+    Per-channel mean/std broadcast along the channel axis of the model's layout; float16 models
+    get the float32 result rounded once; ``uint8`` models take the pixels unchanged.
     """
-    return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(config.mean)) / np.float32(config.std)
+    if config.dtype == "uint8":
+        return np.asarray(pixels, dtype=np.uint8)
+    mean, std = _channel_stats(config.mean, config.std, config.channels, config.layout)
+    x = (pixels.astype(np.float32) / np.float32(1.0 / config.scale) - mean) / std
+    return x if config.dtype == "float32" else x.astype(config.np_dtype)
 
 
 def preprocess(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
@@ -199,23 +306,64 @@ def preprocess(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, 
 
     ``normalised=True`` declares a float array to be model-ready already (shape and finiteness
     are still checked); without it float arrays are refused. It does not affect other inputs.
+    Returns one sample of ``config.sample_shape`` (``[1, H, W]`` for the shipped model).
+    A ``codec="tensor"`` model takes an array of its declared shape and dtype (checked, copied).
     """
+    if config.codec == "tensor":
+        return _tensor_input(image, config)
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
         if not normalised:
             raise ArrayInputError(_float_pixels_message(image))
         return _float_input(image, config)
-    return normalise(to_pixels(image, config), config)[None]
+    return normalise(to_pixels(image, config), config).reshape(config.sample_shape)
 
 
 def preprocess_batch(images, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
-    """A sequence of images -> ``float32 [N, 1, H, W]``; errors name the failing index."""
-    out = np.empty((len(images), 1, config.height, config.width), dtype=np.float32)
+    """A sequence of images -> model input ``[N, *sample_shape]``; errors name the failing index."""
+    dynamic = any(d < 0 for d in config.sample_shape)
+    out = None if dynamic else np.empty((len(images), *config.sample_shape), dtype=config.np_dtype)
+    rows = []
     for i, image in enumerate(images):
         try:
-            out[i] = preprocess(image, config, normalised=normalised)
+            row = preprocess(image, config, normalised=normalised)
         except (ArrayInputError, ImageDecodeError, ImageTooLarge) as exc:
             raise type(exc)(f"image {i}: {exc}") from exc
+        if out is None:
+            rows.append(row)
+        else:
+            out[i] = row
+    if out is None:
+        try:
+            return np.stack(rows) if rows else np.empty((0,), dtype=config.np_dtype)
+        except ValueError:
+            raise ArrayInputError(f"tensors of a batch must share one shape; got {sorted({r.shape for r in rows})}") from None
     return out
+
+
+def _tensor_input(arr, config: PreprocessConfig) -> np.ndarray:
+    """Codec ``tensor``: one sample of the declared shape (``-1`` dims free) and dtype kind, copied."""
+    want = config.sample_shape
+    if not isinstance(arr, np.ndarray):
+        raise ArrayInputError(f"this model takes a numpy array of shape {list(want)} ({config.dtype}); "
+                              f"got {type(arr).__name__}")
+    shape = arr.shape[1:] if arr.ndim == len(want) + 1 and arr.shape[0] == 1 else arr.shape
+    if len(shape) != len(want) or any(w >= 0 and s != w for s, w in zip(shape, want)) or 0 in shape:
+        raise ArrayInputError(f"tensor must have shape {list(want)} (-1: any size); got {list(arr.shape)}")
+    target = config.np_dtype
+    if target.kind == "f":
+        if arr.dtype.kind not in "fiub":
+            raise ArrayInputError(f"tensor must be numeric ({config.dtype}); got {arr.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.reshape(shape).astype(target)
+        if not np.isfinite(out).all():
+            raise ArrayInputError(f"tensor contains NaN or infinite values (or overflows {config.dtype})")
+        return out
+    if arr.dtype.kind not in "iub":
+        raise ArrayInputError(f"tensor must hold integers ({config.dtype}); got {arr.dtype}")
+    info = np.iinfo(target)
+    if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+        raise ArrayInputError(f"tensor values do not fit {config.dtype}")
+    return arr.reshape(shape).astype(target)
 
 
 # --------------------------------------------------------------------------- arrays
@@ -233,20 +381,24 @@ def _float_pixels_message(arr: np.ndarray) -> str:
 
 
 def _float_input(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    h, w = config.height, config.width
-    if arr.shape not in ((h, w), (1, h, w), (1, 1, h, w)):
+    sample = config.sample_shape
+    accepted = [sample, (1, *sample)] + ([(config.height, config.width)] if config.channels == 1 else [])
+    if config.dtype == "uint8":
+        raise ArrayInputError("this model takes uint8 pixels, not normalised float input: pass a uint8 array")
+    if arr.shape not in accepted:
         raise ArrayInputError(
-            f"float array must be normalised model input of shape ({h}, {w}), (1, {h}, {w}) or (1, 1, {h}, {w}); "
+            f"float array must be normalised model input of shape {' or '.join(str(s) for s in accepted)}; "
             f"got {arr.shape}"
         )
     if not np.isfinite(arr).all():
         raise ArrayInputError("array contains NaN or infinite values")
-    if arr.dtype == np.float32:  # the common case: no conversion, nothing can overflow
-        return arr.reshape(1, h, w).copy()  # a copy: the caller's array is never aliased
+    target = config.np_dtype
+    if arr.dtype == target:  # the common case: no conversion, nothing can overflow
+        return arr.reshape(sample).copy()  # a copy: the caller's array is never aliased
     with np.errstate(over="ignore"):
-        out = arr.reshape(1, h, w).astype(np.float32)  # a copy: the caller's array is never aliased
+        out = arr.reshape(sample).astype(target)  # a copy: the caller's array is never aliased
     if not np.isfinite(out).all():  # e.g. float64 1e300 overflows float32
-        raise ArrayInputError("array values overflow float32 (|x| > 3.4e38)")
+        raise ArrayInputError(f"array values overflow {config.dtype}")
     return out
 
 
@@ -263,6 +415,12 @@ def _array_pixels(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         raise ArrayInputError(f"empty array of shape {arr.shape}")
     if arr.shape[0] * arr.shape[1] > config.max_pixels:
         raise ImageTooLarge(f"array has {arr.shape[0] * arr.shape[1]} pixels, over the limit of {config.max_pixels}")
+    if config.channels == 3:
+        # Arrays are RGB(A) in numpy's (H, W, C) order, as Pillow and most image libraries give them.
+        if arr.ndim == 3 and arr.shape == (config.height, config.width, 3) and config.resize != "shorter_side_center_crop":
+            return _arrange(np.ascontiguousarray(arr), config)  # already model-sized: straight through
+        mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
+        return _colour_pixels(Image.fromarray(np.ascontiguousarray(arr), mode), config, invert="never")
     if arr.ndim == 3:
         mode = "RGB" if arr.shape[2] == 3 else "RGBA"
         return _image_pixels(Image.fromarray(np.ascontiguousarray(arr), mode), config, invert="never")
@@ -477,6 +635,8 @@ def _to_gray(im: Image.Image, source_mode: str | None = None) -> Image.Image:
 
 
 def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None = None, reduce: bool = False) -> np.ndarray:
+    if config.channels == 3:
+        return _colour_pixels(im, config, invert, reduce)
     target = (config.width, config.height)
     try:
         if reduce and im.format == "JPEG":
@@ -503,8 +663,8 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
         # Pillow reports truncation as OSError("image file is truncated ..."); its plugins raise
         # the others on malformed chunks / IFDs / EXIF.
         raise ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}") from None
-    if gray.size != target:
-        gray = _fit(gray, target)
+    if gray.size != target or config.resize == "shorter_side_center_crop":
+        gray = _fit(gray, target, config)
     pixels = np.asarray(gray, dtype=np.uint8)
     mode = invert or config.invert
     if mode == "always" or (mode == "auto" and _bright_border(pixels)):
@@ -517,21 +677,105 @@ def _nothing():
     yield
 
 
-def _fit(gray: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Resize keeping the aspect ratio and centre on a background of the border's colour."""
-    w, h = gray.size
+def _fit(img: Image.Image, target: tuple[int, int], config: PreprocessConfig = DEFAULT_CONFIG) -> Image.Image:
+    """Resize by the config's policy (an "L" or "RGB" image):
+
+    * ``letterbox``: keep the aspect ratio and centre on a background of the border's colour;
+    * ``stretch``: to the target size, aspect ratio not kept;
+    * ``shorter_side_center_crop``: scale so the target is ``crop_fraction`` of the image (224 of
+      256, as torchvision's Resize + CenterCrop), then crop the centre.
+    """
+    w, h = img.size
+    resample = INTERPOLATION[config.interpolation]
+    if config.resize == "stretch":
+        return img.resize(target, resample, reducing_gap=3.0)
+    if config.resize == "shorter_side_center_crop":
+        scale = max(target[0] / w, target[1] / h) / config.crop_fraction
+        nw, nh = max(target[0], round(w * scale)), max(target[1], round(h * scale))
+        resized = img.resize((nw, nh), resample, reducing_gap=3.0)
+        left, top = (nw - target[0]) // 2, (nh - target[1]) // 2
+        return resized.crop((left, top, left + target[0], top + target[1]))
     scale = min(target[0] / w, target[1] / h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = gray.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    resized = img.resize((nw, nh), resample, reducing_gap=3.0)
     if (nw, nh) == target:
         return resized
     arr = np.asarray(resized)
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    canvas = Image.new("L", target, int(np.median(border)))
+    fill = int(np.median(border)) if arr.ndim == 2 else tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new(img.mode, target, fill)
     canvas.paste(resized, ((target[0] - nw) // 2, (target[1] - nh) // 2))
     return canvas
 
 
+def _arrange(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """``uint8 [H, W, 3]`` RGB -> the model's channel order and layout (``pixel_shape``)."""
+    if config.color == "BGR":
+        rgb = rgb[..., ::-1]
+    if config.layout == "NCHW":
+        rgb = rgb.transpose(2, 0, 1)
+    return np.ascontiguousarray(rgb)
+
+
+# Modes Pillow's reduce() shrinks in place of a conversion (RGBA premultiplies into a second copy).
+_REDUCIBLE = ("L", "RGB", "RGBA", "LA", "RGBX")
+
+
+def _colour_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None = None,
+                   reduce: bool = False) -> np.ndarray:
+    """Any Pillow image -> ``uint8`` pixels of a 3-channel model (``config.pixel_shape``).
+
+    Memory: an image decoded here reserves its decoded size plus, for modes that must be converted
+    or premultiplied before shrinking (anything but L/RGB), a full-size RGBA copy (4 bytes per pixel)
+    from the shared :data:`DECODE_BUDGET`; it is shrunk by an integer factor (JPEG ``draft``,
+    ``reduce``) before the final resize, so no full-size float copy is ever made.
+    Transparency is composited onto white (a cut-out product shown as on a page).
+    """
+    target = (config.width, config.height)
+    try:
+        if reduce and im.format == "JPEG":
+            im.draft("RGB", (target[0] * 4, target[1] * 4))
+        source_mode = im.mode
+        w, h = im.size
+        cost = (decoded_bytes(im.mode, im.size) + (0 if im.mode in ("L", "RGB") else 4 * w * h)) if reduce else 0
+        with DECODE_BUDGET.reserve(cost) if reduce else _nothing():
+            im.load()
+            orientation = im.getexif().get(0x0112)
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode == "PA":
+                im = im.convert("RGBA")
+            elif im.mode not in _REDUCIBLE:
+                # 16-bit, 32-bit and float grey via the grayscale rules; CMYK, YCbCr, LAB, HSV to RGB.
+                im = _to_gray(im, source_mode) if im.mode.startswith(("I", "F")) else im.convert("RGB")
+            factor = int(min(im.size[0] / target[0], im.size[1] / target[1]) / _REDUCING_GAP)
+            if factor >= 2:
+                im = im.reduce(factor)
+        if orientation in _EXIF_TRANSPOSE:
+            im = im.transpose(_EXIF_TRANSPOSE[orientation])
+        if im.mode in ("RGBA", "LA"):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba).convert("RGB")
+        elif im.mode != "RGB":
+            im = im.convert("RGB")
+        if im.size != target or config.resize == "shorter_side_center_crop":
+            im = _fit(im, target, config)
+    except (ImageDecodeError, ImageTooLarge, DecodeBusy):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except MemoryError:
+        raise ImageTooLarge("not enough memory to decode the image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
+        raise ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}") from None
+    pixels = np.asarray(im, dtype=np.uint8)
+    mode = invert or config.invert
+    if mode == "always" or (mode == "auto" and _bright_border(pixels)):
+        pixels = 255 - pixels
+    return _arrange(pixels, config)
+
+
 def _bright_border(pixels: np.ndarray) -> bool:
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # ([4k] or [4k, 3])
     return float(border.mean()) > 127.0

@@ -2,7 +2,11 @@
 
 ``OnnxClassifier`` loads a manifest, reads the ONNX file once, verifies its sha256 and builds one shared
 ``onnxruntime.InferenceSession`` (thread-safe for concurrent ``run`` calls), warms it up, and
-returns temperature-calibrated probabilities. onnxruntime's exceptions are translated here,
+returns temperature-calibrated probabilities. The manifest's contract says what the graph takes
+(shape, layout, dtype) and what it emits: ``logits`` go through the one calibrated softmax,
+``probabilities`` are only renormalised (a graph ending in Softmax is never softmaxed twice), and
+``log_probabilities`` are exponentiated and renormalised; a temperature other than 1 scales the
+log-probabilities in the last two cases. onnxruntime's exceptions are translated here,
 where they enter: :class:`ArtifactError` at load, :class:`InferenceError` at run.
 
 No network code lives in this package.
@@ -57,23 +61,34 @@ class OnnxClassifier:
         if self.input_name not in inputs:
             raise ArtifactError(f"{self.model_path}: manifest input {self.input_name!r} not among the graph's inputs {list(inputs)}")
         graph_input = inputs[self.input_name]
-        expected = [1, *self.input_shape]
-        if graph_input.type != "tensor(float)" or len(graph_input.shape) != 4 or list(graph_input.shape[1:]) != expected:
+        spec = self.manifest.input
+        self.sample_shape: tuple[int, ...] = self.preprocess_config.sample_shape
+        self.input_dtype = np.dtype(spec.dtype)
+        if not _same_shape(graph_input.shape, spec.shape) or graph_input.type != ORT_TYPES[spec.dtype]:
             raise ArtifactError(
                 f"{self.model_path}: graph input is {graph_input.type} {graph_input.shape} but the manifest "
-                f"declares float32 [N, {expected[0]}, {expected[1]}, {expected[2]}]"
+                f"declares {spec.dtype} {spec.shape} ({spec.layout if spec.codec == 'image' else 'tensor'}); "
+                "fix the manifest's input shape/layout/dtype"
             )
         outputs = [o.name for o in self._session.get_outputs()]
         if self.manifest.output_name not in outputs:
             raise ArtifactError(f"{self.model_path}: manifest output {self.manifest.output_name!r} not among {outputs}")
         self._outputs = [self.manifest.output_name]
-        zero = np.zeros((1, 1, self.input_shape[0], self.input_shape[1]), dtype=np.float32)
+        self.output_kind = self.manifest.output_kind
+        zero = np.zeros((1, *(d if d > 0 else 1 for d in self.sample_shape)), dtype=self.input_dtype)
         for _ in range(options.warmup_runs):
             self._probe(zero)
         out = self._probe(zero)
         if out.ndim != 2 or out.shape[1] != len(self.labels):
             raise ArtifactError(
-                f"{self.model_path}: model emits logits of shape {out.shape} but the manifest lists {len(self.labels)} labels"
+                f"{self.model_path}: model emits {self.output_kind} of shape {out.shape} but the manifest lists "
+                f"{len(self.labels)} labels"
+            )
+        if self.output_kind == "logits" and _looks_like_probabilities(out):
+            # A softmax over probabilities squashes them toward uniform: every request would look unsure.
+            raise ArtifactError(
+                f"{self.model_path}: output {self.manifest.output_name!r} already sums to 1 per row (the graph ends "
+                "in a softmax) but the manifest says logits; set output_kind: probabilities"
             )
 
     def _probe(self, x: np.ndarray) -> np.ndarray:
@@ -94,7 +109,11 @@ class OnnxClassifier:
 
     @property
     def input_shape(self) -> tuple[int, int]:
-        return self.manifest.input.height, self.manifest.input.width
+        """``(H, W)`` of an image model (the first format's API; see ``sample_shape`` for the full one)."""
+        spec = self.manifest.input
+        if spec.codec != "image":
+            raise AttributeError(f"{self.name} takes a tensor {list(self.sample_shape)}, not an image")
+        return spec.height, spec.width
 
     @property
     def session(self):
@@ -103,7 +122,8 @@ class OnnxClassifier:
 
     # -- inference ----------------------------------------------------------------------
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw logits for a normalised ``float32 [N, 1, H, W]`` batch."""
+        """The graph's raw output (logits, or probabilities / log-probabilities as ``output_kind``
+        says) for a model-input batch ``[N, *sample_shape]``."""
         try:
             return self._session.run(self._outputs, {self.input_name: x})[0]
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -119,14 +139,23 @@ class OnnxClassifier:
             self._check_input(x)
             if x.shape[0] == 0:
                 return np.empty((0, len(self.labels)), dtype=np.float32)
-        return calibrated_softmax(self.logits(x), self.temperature, inplace=True)
+        return self.to_probabilities(self.logits(x))
+
+    def to_probabilities(self, out: np.ndarray) -> np.ndarray:
+        """The graph's raw output -> calibrated probabilities ``float32 [N, C]`` by ``output_kind``."""
+        if self.output_kind == "logits":
+            return calibrated_softmax(np.asarray(out, dtype=np.float32), self.temperature, inplace=True)
+        return probabilities_from(out, self.output_kind, self.temperature)
 
     def _check_input(self, x: np.ndarray) -> None:
         if not isinstance(x, np.ndarray):
             raise ArrayInputError(f"model input must be a numpy array; got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1:] != (1, *self.input_shape) or x.dtype != np.float32:
-            raise ArrayInputError(f"model input must be float32 [N, 1, {self.input_shape[0]}, {self.input_shape[1]}]; got {x.dtype} {x.shape}")
-        if not np.isfinite(x).all():
+        want = self.sample_shape
+        if (x.ndim != len(want) + 1 or any(w > 0 and d != w for d, w in zip(x.shape[1:], want))
+                or x.dtype != self.input_dtype):
+            shown = ", ".join(str(d) if d > 0 else "?" for d in want)
+            raise ArrayInputError(f"model input must be {self.input_dtype} [N, {shown}]; got {x.dtype} {x.shape}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise ArrayInputError("model input contains NaN or infinite values")
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
@@ -138,6 +167,49 @@ class OnnxClassifier:
     def classify(self, images) -> np.ndarray:
         """Images (anything the preprocessing accepts) -> calibrated probabilities."""
         return self.predict_proba(self.preprocess_batch(images))
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)"}
+
+
+def _same_shape(graph: list, declared: list[int]) -> bool:
+    """The graph's input shape (ints, symbolic names or None for dynamic dims) agrees with the
+    manifest's (-1 for dynamic): same rank, equal where both are fixed; the manifest may fix a
+    dimension the graph leaves dynamic (e.g. an image size), but not free one the graph fixes
+    (except the batch)."""
+    if len(graph) != len(declared):
+        return False
+    for i, (g, d) in enumerate(zip(graph, declared)):
+        fixed = isinstance(g, int) and g > 0
+        if fixed and d > 0 and g != d:
+            return False
+        if fixed and d < 0 and i > 0:
+            return False
+    return True
+
+
+def _looks_like_probabilities(out: np.ndarray) -> bool:
+    arr = np.asarray(out, dtype=np.float64)
+    return bool(np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1
+                and np.abs(arr.sum(axis=1) - 1).max() < 1e-4)
+
+
+def probabilities_from(out: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities or log-probabilities a graph emitted -> rows that sum to 1 (float32).
+
+    Never a second softmax over probabilities (that flattens them toward uniform: every request
+    would look unsure). Temperature ``T`` acts on log-probabilities, as on logits: ``p**(1/T)``.
+    """
+    arr = np.asarray(out, dtype=np.float32)
+    if kind == "log_probabilities":
+        arr = np.exp(arr * np.float32(1.0 / temperature) if temperature != 1.0 else arr)
+    else:
+        arr = np.clip(arr, 0.0, None)
+        if temperature != 1.0:
+            arr = arr ** np.float32(1.0 / temperature)
+    sums = arr.sum(axis=-1, keepdims=True)
+    return arr / np.where(sums > 0, sums, np.float32(1.0))
 
 
 def _make_session(model: bytes, path: Path, options: SessionOptions):

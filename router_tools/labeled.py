@@ -39,7 +39,7 @@ class LabeledDataError(RouterError, DatasetError):
 
 @dataclass(frozen=True)
 class LabeledSet:
-    """``pixels`` ``uint8 [N, H, W]`` and ``labels`` ``int64 [N]``; ``paths`` when read from files."""
+    """``pixels`` ``uint8 [N, *config.pixel_shape]`` (``[N, H, W]`` for one-channel models) and ``labels`` ``int64 [N]``; ``paths`` when read from files."""
 
     name: str
     pixels: np.ndarray
@@ -168,7 +168,7 @@ def load_csv(path: Path, labels: Sequence[str], config: PreprocessConfig | None 
 
 def _decode(name: str, items: list[tuple[Path, int]], config: PreprocessConfig | None) -> LabeledSet:
     cfg = config or PreprocessConfig()
-    pixels = np.empty((len(items), cfg.height, cfg.width), dtype=np.uint8)
+    pixels = np.empty((len(items), *cfg.pixel_shape), dtype=np.uint8)
     bad: list[str] = []
     for i, (file, _) in enumerate(items):
         try:

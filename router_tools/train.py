@@ -249,7 +249,8 @@ QUANTIZATION = {
 }
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray | None,
+                  *, model_input: np.ndarray | None = None, input_name: str = "input") -> None:
     """Static INT8 quantization (see ``QUANTIZATION``): per-channel 7-bit weights (``reduce_range``),
     UINT8 activations calibrated on held-out images.
 
@@ -263,6 +264,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray) ->
     QOperator format (QLinearConv/QGemm) rather than QDQ: for a model this small the QDQ node
     pairs cost more file size than the weights themselves, and the INT8 file must stay <= 1/3 of
     its FP32 twin. Shape-inference annotations added by the pre-processing are stripped too.
+
+    ``model_input``: calibration batches already preprocessed for another model (``hybrid-router
+    model quantize`` passes a user's images through their manifest), fed to ``input_name``;
+    without it ``calib_images`` are Fashion-MNIST pixels normalised here.
     """
     import onnx
 
@@ -271,7 +276,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray) ->
 
     class Reader(CalibrationDataReader):
         def __init__(self, x: np.ndarray, batch: int = 64):
-            self._it = iter([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])
+            self._it = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
 
         def get_next(self):
             return next(self._it, None)
@@ -280,7 +285,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray) ->
     quant_pre_process(str(fp32_path), str(pre))
     try:
         quantize_static(
-            str(pre), str(int8_path), Reader(normalise(calib_images)),
+            str(pre), str(int8_path), Reader(normalise(calib_images) if model_input is None else model_input),
             quant_format=QuantFormat.QOperator, per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
@@ -406,7 +411,7 @@ def package(kind: str, path: Path, val: ds.Split, test: ds.Split, *, version: st
     m = Manifest(
         name=f"fashion-mnist-{kind}", version=version, file=path.name, sha256=sha256_file(path),
         precision=precision, labels=list(ds.LABELS),
-        input=InputSpec(name="input", shape=[-1, 1, 28, 28], mean=MEAN, std=STD),
+        input=InputSpec(name="input", shape=[-1, 1, 28, 28], mean=MEAN, std=STD, background="dark"),  # invert: auto
         output_name="logits", temperature=round(temp, 5), flops=flops, params=params,
         metrics=metrics, recipe=recipe, twin=twin,
     )
