@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("router_tools.commands.calibrate", "choose a confidence threshold from labeled data"),
     "advise": ("router_tools.commands.advise", "measure edge and cloud here and recommend edge-only, cloud-only or hybrid"),
     "train": ("router_tools.train_cli", "train, export, quantize and calibrate the shipped models (train extra)"),
+    "model": ("router_tools.commands.model", "bring your own ONNX model: import (manifest + validation), quantize (INT8 twin, measured)"),
     "release": ("router_tools.commands.release", "sign and publish edge-model releases for device updates (release extra)"),
     "ab": ("router_tools.commands.ab", "compare the arms of a routing A/B test from a router's stats() JSON"),
 }
