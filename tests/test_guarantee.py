@@ -183,3 +183,14 @@ def test_calibrate_needs_exactly_one_kind_of_target(capsys):
     assert len(err) == 2 and all("give one of --target-escalation" in line for line in err)
     assert main(["calibrate", "--guarantee-accuracy", "0.9999", "--limit", "200"]) == 2
     assert "no threshold guarantees" in capsys.readouterr().err
+
+
+def test_the_walk_restarts_below_a_top_threshold_with_too_few_examples():
+    # No confidence reaches 0.9999, so a plain fixed sequence from the top certifies nothing; the
+    # fallback procedure enters again at 0.999 with delta / 4 and certifies a threshold below it.
+    c, ok = synthetic(n=4000)
+    c = np.minimum(c, 0.9995)
+    g = certify(c, ok, accuracy=0.95, delta=0.05)
+    assert g.threshold < 0.999 and g.error_bound <= 0.05
+    with pytest.raises(CalibrationError, match="most conservative threshold 0.9999 the edge answers 0"):
+        certify(c, ok, accuracy=0.95, delta=0.05, entries=(0.9999,))  # a plain fixed sequence
