@@ -36,6 +36,7 @@ from edge_model.errors import EdgeModelError, InputError
 from edge_model.preprocess import PreprocessConfig, normalise, preprocess, to_pixels
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier, SessionOptions
 from router._io import IOThread
+from router.audit import FieldMonitor
 from router.ab import ExperimentPlan
 from router.budget import budget_for
 from router.cloud import CloudClient
@@ -110,6 +111,7 @@ class Router:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._telemetry = Telemetry()
+        self._field = FieldMonitor(self)  # per-version counts, audits, drift alarm (router/audit.py)
         self._id_prefix, self._ids = os.urandom(4).hex(), itertools.count(1)  # unique per router, cheap per request
         self._edge, self._edge_error = self._load_edge(policy, edge_model, self._policy_path)
         if self._edge is None and policy.edge.required:
@@ -127,7 +129,8 @@ class Router:
         self._next_reload_check = clock() + policy.reload_check_interval_s
         # Under privacy the client gets no endpoints: preparing real ones imports the async stack.
         self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport,
-                                  classes=len(self._labels))  # answers with another class count are refused
+                                  classes=len(self._labels),  # answers with another class count are refused
+                                  labels=self._labels)  # and endpoints publishing other labels
         self._warm(policy)
         self._updater = None
         if policy.updates.enabled:  # the signed release channel (optional extra), never on the request path
@@ -321,25 +324,30 @@ class Router:
         cfg = self._pre
         n = len(work.images)
         image = work.images[0]
-        if (n == 1 and work.normalised and type(image) is np.ndarray and image.dtype == np.float32
-                and image.shape == (1, cfg.height, cfg.width)):
+        if (n == 1 and work.normalised and type(image) is np.ndarray and image.dtype == cfg.np_dtype
+                and image.shape == cfg.sample_shape):
             # Declared model input (the hot path of an app that preprocesses itself): check and go.
             if not np.isfinite(image).all():
                 raise InvalidInput("array contains NaN or infinite values")
             return self._run_edge(work, image[None], None)
-        x = np.empty((n, 1, cfg.height, cfg.width), dtype=np.float32)
-        pixels: np.ndarray | None = np.empty((n, cfg.height, cfg.width), dtype=np.uint8)
+        tensor = cfg.codec == "tensor"  # a model whose app encodes its input: no pixels, no decoding
+        x = np.empty((n, *cfg.sample_shape), dtype=cfg.np_dtype) if not tensor else None
+        pixels: np.ndarray | None = None if tensor else np.empty((n, *cfg.pixel_shape), dtype=np.uint8)
         i = 0
         try:
             for i, image in enumerate(work.images):
-                if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+                if tensor:
+                    row = preprocess(image, cfg)
+                    x = np.empty((n, *row.shape), dtype=row.dtype) if x is None else x
+                    x[i] = row
+                elif isinstance(image, np.ndarray) and image.dtype.kind == "f":
                     # Model input only when declared so; otherwise the preprocessing refuses it
                     # (a [0, 1] image fed as model input silently costs most of the accuracy).
                     x[i] = preprocess(image, cfg, normalised=work.normalised)
                     pixels = None  # no pixels to send
                 else:
                     p = to_pixels(image, cfg)
-                    x[i, 0] = normalise(p, cfg)
+                    x[i] = normalise(p, cfg).reshape(cfg.sample_shape)
                     if pixels is not None:
                         pixels[i] = p
         except InputError as exc:
@@ -393,12 +401,13 @@ class Router:
         a progressive call -- until it yields a :class:`Provisional` (returned; ``gen`` stays
         open for :mod:`router.progressive` to resume)."""
         attempts = 0
+        local = None
         try:
             effect = gen.send(None)
             while True:
                 kind = type(effect)
                 if kind is LocalWork:
-                    result = self._local(effect)
+                    result = local = self._local(effect)
                 elif kind is CloudCall:
                     attempts += 1
                     result = self._cloud_sync(effect)
@@ -415,14 +424,16 @@ class Router:
             if isinstance(exc, RouterError):
                 self._telemetry.record_failure(exc, attempts)
             raise
-        self._record(req, outcome)
+        self._record(req, outcome, local)
         return outcome.predictions
 
-    def _record(self, req: RouteRequest, outcome) -> None:
+    def _record(self, req: RouteRequest, outcome, local: LocalResult | None = None) -> None:
         policy = req.policy
         details = not req.privacy or policy.decision_log_privacy_details
         self._telemetry.record(outcome.predictions, outcome.cloud_calls, outcome.bytes_sent, policy.decision_log,
                                details=details)
+        # After the answer is built: counts per edge version; audits leave on the I/O thread.
+        self._field.observe(req, outcome.predictions, local)
 
     def _cloud_sync(self, call: CloudCall):
         io = self._start_io()
@@ -488,6 +499,7 @@ class Router:
         and None returned."""
         loop = asyncio.get_running_loop()
         attempts = 0
+        local = None
         try:
             effect = gen.send(None)
             while True:
@@ -498,7 +510,7 @@ class Router:
                     gen.close()
                     return None
                 if kind is LocalWork:
-                    result = await loop.run_in_executor(self._local_executor(), self._local, effect)
+                    result = local = await loop.run_in_executor(self._local_executor(), self._local, effect)
                 elif kind is CloudCall:
                     attempts += 1
                     self._start_probe()
@@ -516,7 +528,7 @@ class Router:
             if isinstance(exc, RouterError):
                 self._telemetry.record_failure(exc, attempts)
             raise
-        self._record(req, outcome)
+        self._record(req, outcome, local)
         return outcome.predictions
 
     async def _cloud_async(self, call: CloudCall):
@@ -615,6 +627,7 @@ class Router:
         out["edge_model"] = edge  # the earlier name of the same entry
         if self._updater is not None:
             edge["updates"] = self._updater.status()
+        out["field"] = self._field.snapshot(self._snap.policy, self._edge_version)
         out["policy"] = {"mode": self._snap.policy.mode.value, "threshold": self._snap.policy.confidence_threshold,
                          "privacy_mode": self._snap.policy.privacy_mode}
         return out

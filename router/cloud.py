@@ -11,7 +11,11 @@ conforming v2 server -- ours, Triton, KServe, MLServer:
 * carries the request's remaining budget as ``parameters.timeout`` (microseconds, as Triton);
 * bounds every attempt by its share of the deadline with ``asyncio.timeout`` (httpx's own
   timeouts are per phase, so they alone could add up past the deadline);
-* translates httpx errors and HTTP statuses into the :mod:`router.errors` tree where they enter.
+* translates httpx errors and HTTP statuses into the :mod:`router.errors` tree where they enter;
+* compares the labels a server publishes in its model metadata (``parameters.labels_json``,
+  ``labels_sha256`` or ``labels``) with the edge's at the first contact: a mismatch makes the
+  endpoint :class:`CloudIncompatible` (naming both label sets) until its metadata is read again,
+  so no answer is ever given under another model's class names (``labels_check`` in the policy).
 
 * validates every answer against what is possible: the edge's class count, probabilities in
   [0, 1] summing to 1, log-probabilities <= 0, finite logits -- anything else is a
@@ -60,6 +64,7 @@ from router.errors import (
     CloudAuthError,
     CloudError,
     CloudGatewayError,
+    CloudIncompatible,
     CloudOverloaded,
     CloudProtocolError,
     CloudRejected,
@@ -98,6 +103,9 @@ class ModelInfo:
     shape: tuple[int, ...]  # the model's input shape, -1 for the batch dimension
     versions: tuple[str, ...] = ()
     platform: str = ""
+    labels: Optional[tuple[str, ...]] = None  # what the server published, if anything
+    labels_sha256: Optional[str] = None
+    incompatible: Optional[str] = None  # why this endpoint's model cannot answer for the edge's labels
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -114,13 +122,63 @@ def parse_metadata(body: bytes, endpoint: Endpoint) -> ModelInfo:
     inp = meta.inputs[0]
     params = raw.get("parameters") or {}
     accepts_uint8 = inp.datatype == "UINT8" or bool(params.get(UINT8_PARAMETER))
-    if endpoint.input_datatype == "auto":
+    if inp.datatype in ("INT64", "INT32"):
+        datatype = inp.datatype  # a tensor model (token ids, ...): sent as the app gave it
+    elif endpoint.input_datatype == "auto":
         datatype = "UINT8" if accepts_uint8 else "FP32"
     else:
         datatype = endpoint.input_datatype
-    if datatype not in ("UINT8", "FP32"):
+    if datatype not in ("UINT8", "FP32", "INT64", "INT32"):
         raise CloudProtocolError(f"unsupported input datatype {inp.datatype!r}", endpoint=endpoint.label)
-    return ModelInfo(inp.name, datatype, tuple(inp.shape), tuple(meta.versions or ()), meta.platform)
+    labels = None
+    if isinstance(params.get("labels_json"), str):
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(params["labels_json"])
+            if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+                labels = tuple(parsed)
+    elif isinstance(params.get("labels"), str) and params["labels"]:
+        labels = tuple(params["labels"].split(","))  # older servers: comma-joined
+    digest = params.get("labels_sha256") if isinstance(params.get("labels_sha256"), str) else None
+    return ModelInfo(inp.name, datatype, tuple(inp.shape), tuple(meta.versions or ()), meta.platform, labels, digest)
+
+
+def check_labels(info: ModelInfo, endpoint: Endpoint, edge_labels) -> Optional[CloudIncompatible]:
+    """The refusal when the server's published labels are not the edge's (``None``: compatible).
+
+    ``labels_check`` (per endpoint): ``off`` checks nothing; ``require`` refuses a server that
+    publishes no labels; ``warn`` (and the default for such servers) logs it and goes on. A
+    mismatch is always refused unless ``off``: an answer would name the wrong class."""
+    mode = getattr(endpoint, "labels_check", None)
+    if mode == "off" or edge_labels is None:
+        return None
+    edge = tuple(edge_labels)
+    if info.labels is None and info.labels_sha256 is None:
+        if mode == "require":
+            return CloudIncompatible(f"{endpoint.label}: the server publishes no labels in its model metadata and "
+                                     "labels_check is require; publish them or set labels_check: warn",
+                                     endpoint=endpoint.label)
+        log.warning("cloud endpoint %r publishes no labels: its answers are taken to use the edge's %d labels "
+                    "(labels_check: require to refuse such servers)", endpoint.label, len(edge))
+        return None
+    if info.labels is not None:
+        same = info.labels == edge or (",".join(info.labels) == ",".join(edge))  # comma-joined: commas in names
+        server = list(info.labels)
+    else:
+        from edge_model.manifest import labels_digest
+
+        same = info.labels_sha256 == labels_digest(edge)
+        server = f"sha256 {info.labels_sha256[:12]}..."
+    if same:
+        return None
+    return CloudIncompatible(f"{endpoint.label}: the server's model has labels {_show(server)} but the edge model has "
+                             f"{_show(list(edge))}; not used (deploy matching models, or labels_check: off)",
+                             endpoint=endpoint.label)
+
+
+def _show(labels) -> str:
+    if isinstance(labels, str) or len(labels) <= 12:
+        return str(labels)
+    return f"{labels[:10]} ... ({len(labels)} labels)"
 
 
 def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels: Optional[np.ndarray],
@@ -130,6 +188,9 @@ def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels:
     if info.datatype == "UINT8" and pixels is not None:
         data = pixels.reshape(-1).tolist()
         datatype = "UINT8"
+    elif x.dtype.kind in "iu":  # a uint8-input model's pixels, or a tensor model's integers
+        data = x.reshape(-1).tolist()
+        datatype = {"uint8": "UINT8", "int32": "INT32"}.get(x.dtype.name, "INT64")
     else:
         data = x.reshape(-1).tolist()
         datatype = "FP32"
@@ -349,9 +410,10 @@ class CloudClient:
     ``classes``: the edge model's label count; answers with another count are refused."""
 
     def __init__(self, settings: CloudSettings, transport: httpx.AsyncBaseTransport | None = None,
-                 *, classes: Optional[int] = None) -> None:
+                 *, classes: Optional[int] = None, labels=None) -> None:
         self.settings = settings
-        self.classes = classes
+        self.labels = None if labels is None else tuple(labels)  # the edge's: servers publishing others are refused
+        self.classes = len(self.labels) if classes is None and self.labels is not None else classes
         self._transport = transport
         self._contexts: dict[tuple, ssl.SSLContext] = {}
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]]" = \
@@ -449,7 +511,12 @@ class CloudClient:
             raise translate(exc, ep) from exc
         if status != 200:
             raise error_from_status(status, headers, content, ep)
-        state.meta = parse_metadata(content, ep)
+        info = parse_metadata(content, ep)
+        refusal = check_labels(info, ep, self.labels)
+        if refusal is not None:
+            state.meta = ModelInfo(**{**info.__dict__, "incompatible": str(refusal)})
+            raise refusal
+        state.meta = info
         return state.meta
 
     async def ready(self, state: EndpointState, timeout_s: float) -> bool:
@@ -473,6 +540,8 @@ class CloudClient:
         try:
             async with asyncio.timeout(timeout_s):
                 info = call.state.meta or await self.fetch_metadata(call.state, timeout_s)
+                if info.incompatible:  # known from the first contact: no request is sent
+                    raise CloudIncompatible(info.incompatible, endpoint=ep.label)
                 t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
                 size = ep.max_batch_size or len(call.x)
                 parts = await asyncio.gather(*(

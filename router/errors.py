@@ -17,7 +17,8 @@
      │    │    └── CloudAuthError    401 / 403
      │    ├── CloudServerError       500 and other 5xx that are not worth a retry
      │    └── CloudProtocolError     a body that is not a valid Open Inference Protocol response, or an
-     │                               impossible one (class count, probabilities outside [0, 1], NaN, too large)
+     │         │                     impossible one (class count, probabilities outside [0, 1], NaN, too large)
+     │         └── CloudIncompatible the endpoint's labels differ from the edge's (checked at first contact)
      ├── PrivacyViolation            a request that would need the network under privacy (cloud_only + privacy)
      └── PredictionUnavailable       neither side could answer; carries ``edge_error`` and ``cloud_error``
 
@@ -38,6 +39,7 @@ CLOUD_FAILURE_CATEGORIES = (
     "server_error",  # 5xx other than 503
     "overloaded",  # 503 / 429
     "protocol",  # malformed or impossible answer
+    "incompatible",  # the endpoint's model has other labels than the edge's: never answered under the wrong name
 )
 
 
@@ -115,6 +117,13 @@ class CloudServerError(CloudError):
 
 class CloudProtocolError(CloudError):
     category = "protocol"
+
+
+class CloudIncompatible(CloudProtocolError):
+    """The endpoint serves a model with other class names than the edge's (or publishes none under
+    ``labels_check: require``): it is not used, so nothing is answered under the wrong name."""
+
+    category = "incompatible"
 
 
 class PredictionUnavailable(RouterError):

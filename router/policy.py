@@ -83,6 +83,10 @@ class Endpoint(_Strict):
     input_datatype: Literal["auto", "UINT8", "FP32"] = "auto"
     output_name: str = "probabilities"
     output_kind: Literal["probabilities", "log_probabilities", "logits"] = "probabilities"
+    labels_check: Optional[Literal["require", "warn", "off"]] = Field(
+        None, description="compare the server's published labels with the edge's at first contact: require (a "
+        "server publishing none is refused), warn (logged when none are published), off; default require when "
+        "the server publishes labels, warn when it does not. A mismatch is refused unless off")
     initial_latency_ms: float = Field(20.0, gt=0, description="latency estimate before any call succeeded")
     max_batch_size: Optional[int] = Field(
         None, ge=1, description="rows per request the server accepts (Triton's max_batch_size); larger "
@@ -191,6 +195,19 @@ class UpdateSettings(_Strict):
         return self
 
 
+class DriftSettings(_Strict):
+    """The field-monitoring alarm (router/audit.py): the realised escalation rate leaving its
+    calibrated band, or audit agreement's upper bound under ``agreement_floor``."""
+
+    window: int = Field(500, ge=20, description="recent edge answers the escalation rate is measured on")
+    expected_escalation: Optional[float] = Field(
+        None, ge=0, le=1, description="calibrated escalation share; default: the edge manifest's "
+                                      "metrics.expected_escalation (no escalation alarm when neither is set)")
+    z: float = Field(3.0, gt=0, description="band half-width in binomial standard errors at the window's size")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the Wilson interval on agreement")
+    rollback: bool = Field(False, description="the alarm calls rollback_edge() (needs updates.enabled)")
+
+
 class RoutingPolicy(_Strict):
     mode: Mode = Mode.PREFER_EDGE
     privacy_mode: bool = Field(False, description="local only: no escalation, no probe, no socket")
@@ -206,6 +223,15 @@ class RoutingPolicy(_Strict):
         False, description="log label and confidence of privacy requests too (off: a private answer is not logged)")
     reload_check_interval_s: float = Field(1.0, ge=0, description="0 disables automatic reload on file change")
     experiments: Optional[ExperimentSettings] = Field(None, description="A/B arms of this policy (router/ab.py)")
+    # Field monitoring (router/audit.py); never any of it under privacy_mode.
+    audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident edge answers also sent to the "
+                                                           "cloud, off the request path, to measure agreement")
+    audit_queue: int = Field(64, ge=1, le=10_000, description="audits waiting at most; more are dropped")
+    agreement_floor: Optional[float] = Field(None, gt=0, le=1, description="alarm when agreement's upper "
+                                                                          "confidence bound falls below this")
+    drift: DriftSettings = DriftSettings()
+    fleet_report_interval_s: float = Field(0.0, ge=0, description="send aggregate counts per edge version to the "
+                                                                   "first endpoint's /v1/fleet/report; 0: off")
 
     @field_validator("class_thresholds")
     @classmethod
