@@ -39,6 +39,7 @@ def test_advise_measures_the_real_service_and_writes_a_valid_policy(tmp_path, ca
     for line in checklist[:1] + checklist[3:6] + why:
         assert re.search(r"\d", line), line
     assert f"edge p95 {e['p95_ms']:.2f} ms" in checklist[0] and f"{e['size_mb']:.2f} MB" in checklist[3]
+    assert f"cloud model {c['size_mb']:.2f} MB" in checklist[3]
     assert "per 1k requests" in text and "cost" in text
 
     # the patch it wrote: the operator's comments stay, the policy loads, the values are the advice

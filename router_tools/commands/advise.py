@@ -159,7 +159,13 @@ def measure(args: argparse.Namespace) -> dict:
 
             url = stack.enter_context(LocalService()).url
         c = out["cloud"]
-        c.update(url=url, local=args.cloud_url is None, network_ms=args.assume_network_ms)
+        c.update(url=url, local=args.cloud_url is None, network_ms=args.assume_network_ms, size_mb=None)
+        if args.cloud_url is None:  # the service started here serves the shipped cloud model: its size is known
+            from edge_model.manifest import Manifest
+
+            cm = Path(__file__).resolve().parent.parent.parent / "cloud_service" / "artifacts" / "cloud-fp32.json"
+            if cm.is_file():
+                c["size_mb"] = (cm.parent / Manifest.load(cm).file).stat().st_size / 1e6
         single = stack.enter_context(V2BatchClient(url, args.cloud_model, api_key_env=args.api_key_env, batch_size=1,
                                                    classes=len(edge.labels)))
         stamps = []
@@ -219,6 +225,7 @@ def recommend(m: dict, args: argparse.Namespace) -> dict:
     over = e["size_mb"] > MODEL_SIZE_LIMIT_MB
     answers.append((f"is the model over {MODEL_SIZE_LIMIT_MB:g} MB?", "server" if over else "device",
                     f"edge model file {e['size_mb']:.2f} MB, load {e['load_ms']:.0f} ms"
+                    + (f" (cloud model {c['size_mb']:.2f} MB)" if c.get("size_mb") else "")
                     + (f", RSS +{e['rss_mb']:.1f} MB" if e.get("rss_mb") is not None else "")))
     frequent = args.updates_per_month >= FREQUENT_UPDATES_PER_MONTH
     answers.append(("are frequent model updates needed?", "server" if frequent else None,
