@@ -65,7 +65,7 @@ from cloud_service.errors import (
     Unauthorized,
     Unavailable,
 )
-from cloud_service.metrics import ServiceMetrics
+from cloud_service.metrics import FleetMetrics, ServiceMetrics
 from cloud_service.settings import SETTINGS_JSON_ENV, ServiceSettings, load_settings
 from edge_model.errors import DecodeBusy
 from edge_model.preprocess import configure_decode_budget
@@ -220,6 +220,16 @@ def create_app(settings: Optional[ServiceSettings] = None, env: Optional[Mapping
             "model_version": result.model_version,
         })
 
+    fleet = FleetMetrics(metrics.registry)
+    app.state.fleet = fleet
+
+    @api.post("/v1/fleet/report")
+    async def fleet_report(request: Request) -> Response:
+        # Aggregate counts per edge version from a device (router/audit.py); never inputs.
+        body = await request.body()
+        fleet.record(parse_fleet_report(body))
+        return JSONResponse({"accepted": True})
+
     app.include_router(api)
 
     metrics_router = APIRouter(dependencies=[] if settings.auth.public_metrics else auth)
@@ -237,6 +247,47 @@ def create_app_from_environment() -> FastAPI:
     text = os.environ.get(SETTINGS_JSON_ENV)
     settings = ServiceSettings.from_json(text) if text else load_settings()
     return create_app(settings)
+
+
+# ----------------------------------------------------------------------------- fleet report
+
+FLEET_REPORT_MAX_BYTES = 16 * 1024
+FLEET_REPORT_MAX_VERSIONS = 16
+_FLEET_COUNT_MAX = 10**12
+
+
+def parse_fleet_report(body: bytes) -> dict[str, dict[str, int]]:
+    """``{"versions": {"<edge version>": {"answers": n, ...}}}`` checked by hand (a dozen lines:
+    the shape is flat) -- InvalidRequest / PayloadTooLarge with one line saying what was wrong."""
+    import re
+
+    if len(body) > FLEET_REPORT_MAX_BYTES:
+        raise PayloadTooLarge(f"fleet report of {len(body)} bytes exceeds {FLEET_REPORT_MAX_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("fleet report: body is not JSON; send {\"versions\": {\"<version>\": {counts}}}") from None
+    versions = data.get("versions") if isinstance(data, dict) else None
+    if not isinstance(versions, dict) or set(data) != {"versions"}:
+        raise InvalidRequest("fleet report: expected exactly one key, 'versions', mapping edge versions to counts")
+    if len(versions) > FLEET_REPORT_MAX_VERSIONS:
+        raise InvalidRequest(f"fleet report: {len(versions)} versions, at most {FLEET_REPORT_MAX_VERSIONS}")
+    out: dict[str, dict[str, int]] = {}
+    for version, counts in versions.items():
+        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", version):
+            raise InvalidRequest("fleet report: a version must be 1-64 characters of letters, digits and ._+-")
+        if not isinstance(counts, dict) or not set(counts) <= set(FleetMetrics.FIELDS):
+            raise InvalidRequest(f"fleet report: counts of {version!r} must be an object with keys among "
+                                 f"{', '.join(FleetMetrics.FIELDS)}")
+        for k, n in counts.items():
+            if type(n) is not int or not 0 <= n <= _FLEET_COUNT_MAX:
+                raise InvalidRequest(f"fleet report: {version}.{k} must be an integer in [0, {_FLEET_COUNT_MAX}]")
+        c = {k: counts.get(k, 0) for k in FleetMetrics.FIELDS}
+        if c["agreed"] > c["audited"] or c["escalated"] > c["answers"] or c["unsure"] > c["edge_ran"]:
+            raise InvalidRequest(f"fleet report: counts of {version!r} are inconsistent (agreed > audited, "
+                                 "escalated > answers or unsure > edge_ran)")
+        out[version] = c
+    return out
 
 
 # ----------------------------------------------------------------------------- auth

@@ -105,3 +105,46 @@ class ModelMetrics:
         self.estimate_rel_error = metrics.service_time.labels(model, "rel_error")
         self.expired = metrics.expired.labels(model)
         self.failures = metrics.failures.labels(model)
+
+
+class FleetMetrics:
+    """What devices report to ``POST /v1/fleet/report``: aggregate counts per edge model version
+    (never inputs), summed across the fleet and exposed on the service's ``/metrics`` labelled by
+    ``edge_version``. At most ``max_versions`` distinct labels; later versions count as ``other``
+    (a version string comes from the device, so it must not grow the registry without bound)."""
+
+    FIELDS = ("answers", "escalated", "edge_ran", "unsure", "audited", "agreed")
+
+    def __init__(self, registry: CollectorRegistry, max_versions: int = 32) -> None:
+        self.max_versions = max_versions
+        self.totals: dict[str, dict[str, int]] = {}
+        self.reports = Counter(f"{PREFIX}_fleet_reports", "fleet reports accepted", registry=registry)
+        self.counts = Counter(
+            f"{PREFIX}_fleet_counts",
+            "device counts summed across the fleet by edge version: answers, escalated (answered by the cloud), "
+            "edge_ran, unsure (edge confidence under threshold), audited, agreed (audit: edge label == cloud label)",
+            ["edge_version", "kind"], registry=registry)
+        self.agreement = Gauge(f"{PREFIX}_fleet_agreement", "audit agreement (agreed / audited) by edge version",
+                               ["edge_version"], registry=registry)
+        self.escalation = Gauge(f"{PREFIX}_fleet_escalation_rate", "escalated / answers by edge version",
+                                ["edge_version"], registry=registry)
+
+    def label(self, version: str) -> str:
+        if version in self.totals or len(self.totals) < self.max_versions:
+            return version
+        return "other"
+
+    def record(self, versions: dict[str, dict[str, int]]) -> None:
+        for version, counts in versions.items():
+            v = self.label(version)
+            total = self.totals.setdefault(v, dict.fromkeys(self.FIELDS, 0))
+            for kind in self.FIELDS:
+                n = int(counts.get(kind, 0))
+                if n:
+                    total[kind] += n
+                    self.counts.labels(v, kind).inc(n)
+            if total["audited"]:
+                self.agreement.labels(v).set(total["agreed"] / total["audited"])
+            if total["answers"]:
+                self.escalation.labels(v).set(total["escalated"] / total["answers"])
+        self.reports.inc()

@@ -643,6 +643,7 @@ class Router:
             self._closed = True
             io, self._io = self._io, None
             ex, self._executor = self._executor, None
+        self._field.close()  # its tasks on the I/O loop end before the loop does
         if io is not None:
             io.close(self._cloud.aclose())
         if ex is not None:

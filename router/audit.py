@@ -1,0 +1,381 @@
+"""Field monitoring: shadow audits of confident edge answers, per-version counts, the drift alarm
+and the fleet report. :class:`FieldMonitor` is attached to every :class:`~router.api.Router`.
+
+* ``observe()`` runs after each answered request, on the caller's thread: counter increments
+  under one lock and, for ``audit_rate`` of the confident edge rows, a hand-off to the router's
+  I/O thread (``loop.call_soon_threadsafe``). The caller never waits for an audit. At most
+  ``audit_queue`` audits wait; more are dropped and counted. Nothing of this runs under privacy
+  (no sampling, no I/O thread, no socket).
+* The I/O thread sends each audit to the first endpoint whose breaker allows calls (the breaker
+  and the latency estimate are left alone: audits are not routing signals), charges the
+  escalation budget (kind ``audit``) when the policy has one and skips the audit when it has no
+  headroom, and records whether the cloud's label equals the edge's, per edge model version.
+* The drift alarm (WARNING log, ``stats()["field"]["alarm"]``) fires once per edge version when
+  the share of edge answers under their threshold over ``drift.window`` answers leaves
+  ``expected ± z·sqrt(p(1-p)/n)``, or when the Wilson upper bound of audit agreement falls under
+  ``agreement_floor``. With ``drift.rollback`` it calls ``Router.rollback_edge()`` in a thread of
+  its own (loading the previous model must not hold the I/O loop or a caller).
+* Every ``fleet_report_interval_s`` the I/O thread POSTs the counts accumulated since the last
+  successful report -- counts only, never an input or a label -- to the first endpoint's
+  ``/v1/fleet/report``; a failed report keeps its counts for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from router.ab import wilson
+from router.budget import price_of
+from router.effects import CloudCall, CloudReply
+from router.prediction import Reason
+
+if TYPE_CHECKING:
+    from router.api import Router
+
+log = logging.getLogger("router.field")
+
+MAX_VERSIONS = 16  # versions kept in memory and in one report (a device runs few in its life)
+REPORT_PATH = "/v1/fleet/report"
+_REPORT_CAP = 4096  # bytes read of the service's answer to a report
+_CONFIDENT = Reason.CONFIDENT.value
+
+
+@dataclass
+class VersionCounts:
+    """Counts of one edge model version. ``unsure``: answers whose edge confidence was under its
+    threshold (what calibration predicts as the escalation share), of ``edge_ran`` answers."""
+
+    answers: Counter = field(default_factory=Counter)  # "source/reason" -> answers
+    edge_ran: int = 0
+    unsure: int = 0
+    escalated: int = 0  # answered by the cloud
+    audits_sent: int = 0
+    audits_agreed: int = 0
+    audits_failed: int = 0
+    audits_dropped: int = 0
+    audits_skipped_budget: int = 0
+
+    def report(self) -> dict[str, int]:
+        return {"answers": sum(self.answers.values()), "escalated": self.escalated, "edge_ran": self.edge_ran,
+                "unsure": self.unsure, "audited": self.audits_sent - self.audits_failed, "agreed": self.audits_agreed}
+
+
+class FieldMonitor:
+    """Per-version field counts, shadow audits, drift alarm and fleet report of one router."""
+
+    def __init__(self, router: "Router") -> None:
+        self._router = router
+        self._lock = threading.Lock()
+        self._versions: dict[str, VersionCounts] = {}
+        self._unreported: dict[str, Counter] = {}
+        self._window: deque[int] = deque()
+        self._window_sum = 0
+        self._window_version: Optional[str] = None
+        self._pending = 0  # audits handed to the I/O thread and not finished
+        self._queue: Optional[asyncio.Queue] = None
+        self._tasks: list = []  # concurrent futures of the drainer and the reporter, cancelled at close
+        self._reporter_started = False
+        self._alarmed: set[str] = set()
+        self.alarm: Optional[dict[str, Any]] = None
+        self.alarms: list[dict[str, Any]] = []
+        self.rollbacks: list[str] = []
+        self.reports_sent = 0
+        self.report_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ the caller's side
+
+    def _counts(self, version: str) -> VersionCounts:
+        c = self._versions.get(version)
+        if c is None:
+            if len(self._versions) >= MAX_VERSIONS:  # forget the oldest version seen
+                self._versions.pop(next(iter(self._versions)))
+            c = self._versions[version] = VersionCounts()
+        return c
+
+    def observe(self, req, predictions, local) -> None:
+        """After a request answered: count it; sample confident edge rows for audit."""
+        version = req.edge_version
+        policy = req.policy
+        thresholds = req.thresholds
+        audit: list[int] = []
+        rate = 0.0 if req.privacy or policy.privacy_mode else policy.audit_rate
+        with self._lock:
+            c = self._counts(version)
+            if self._window_version != version:  # a new model: its own window
+                self._window.clear()
+                self._window_sum, self._window_version = 0, version
+            for i, p in enumerate(predictions):
+                reason = p.reason.value
+                c.answers[f"{p.source}/{reason}"] += 1
+                if p.source == "cloud":
+                    c.escalated += 1
+                    opinion = p.edge
+                    if opinion is None:
+                        continue
+                    unsure = opinion.confidence < thresholds[opinion.class_index]
+                else:
+                    if reason in ("edge_error",):
+                        continue
+                    unsure = p.confidence < thresholds[p.class_index]
+                c.edge_ran += 1
+                c.unsure += unsure
+                self._window.append(unsure)
+                self._window_sum += unsure
+                if len(self._window) > policy.drift.window:
+                    self._window_sum -= self._window.popleft()
+                if rate and reason == _CONFIDENT and p.source == "edge" and req.rng.random() < rate:
+                    audit.append(i)
+            window_full = len(self._window) >= policy.drift.window
+            share, n = (self._window_sum / len(self._window), len(self._window)) if window_full else (0.0, 0)
+        if window_full:
+            self._check_escalation(version, policy, share, n)
+        if audit and local is not None and local.x is not None:
+            self._enqueue(req, version, local, predictions, audit)
+        if policy.fleet_report_interval_s > 0 and not policy.privacy_mode and not self._reporter_started:
+            self._start_reporter()
+
+    def _enqueue(self, req, version: str, local, predictions, rows: list[int]) -> None:
+        with self._lock:
+            room = req.policy.audit_queue - self._pending
+            c = self._counts(version)
+            if room < len(rows):
+                c.audits_dropped += len(rows) - max(room, 0)
+                rows = rows[:max(room, 0)]
+            if not rows:
+                return
+            self._pending += len(rows)
+        idx = np.asarray(rows)
+        x = local.x[idx].copy()  # the request's buffers are the caller's again once it returns
+        pixels = None if local.pixels is None else local.pixels[idx].copy()
+        edge_cls = [predictions[i].class_index for i in rows]
+        item = (req, version, x, pixels, edge_cls)
+        try:
+            io = self._router._ensure_io()
+            if self._queue is None:
+                with self._lock:
+                    if self._queue is None:
+                        self._queue = asyncio.Queue()
+                        self._tasks.append(io.submit(self._drain(self._queue)))
+            io.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except Exception:  # noqa: BLE001 -- the router closed: the audit is dropped, the answer stands
+            with self._lock:
+                self._pending -= len(rows)
+                self._counts(version).audits_dropped += len(rows)
+
+    # ------------------------------------------------------------------ the I/O thread's side
+
+    async def _drain(self, queue: asyncio.Queue) -> None:
+        while True:
+            req, version, x, pixels, edge_cls = await queue.get()
+            try:
+                await self._audit(req, version, x, pixels, edge_cls)
+            except Exception:  # noqa: BLE001 -- an audit never takes the drainer down
+                log.exception("field audit failed")
+                with self._lock:
+                    self._counts(version).audits_failed += len(edge_cls)
+            finally:
+                with self._lock:
+                    self._pending -= len(edge_cls)
+
+    async def _audit(self, req, version: str, x, pixels, edge_cls: list[int]) -> None:
+        router = self._router
+        snap = router._snap
+        policy = snap.policy
+        if policy.privacy_mode:  # privacy turned on since the answer: nothing leaves
+            return
+        state = next((s for s in snap.states if s.breaker.would_allow()), None)
+        rows = len(edge_cls)
+        if state is None:
+            with self._lock:
+                self._counts(version).audits_failed += rows
+            return
+        budget = snap.budget
+        if budget is not None:
+            price = price_of(state.endpoint)
+            room, _ = budget.headroom(0, price)
+            if room < rows:
+                with self._lock:
+                    self._counts(version).audits_skipped_budget += rows
+                return
+            budget.charge("audit", rows, rows * price)
+        with self._lock:
+            self._counts(version).audits_sent += rows
+        timeout = policy.cloud.per_try_timeout_ms / 1000.0
+        now = router._clock()
+        reply = await router._cloud.infer(CloudCall(state, x, pixels, timeout, timeout, f"{req.request_id}.audit",
+                                                    deadline=now + timeout, clock=router._clock))
+        if not isinstance(reply, CloudReply):
+            with self._lock:
+                self._counts(version).audits_failed += rows
+            return
+        agreed = int(sum(int(a == b) for a, b in zip(reply.probs.argmax(axis=1).tolist(), edge_cls)))
+        with self._lock:
+            c = self._counts(version)
+            c.audits_agreed += agreed
+            n, k = c.audits_sent - c.audits_failed, c.audits_agreed
+        self._check_agreement(version, policy, k, n)
+
+    # ------------------------------------------------------------------ drift alarm
+
+    def expected_escalation(self, policy) -> Optional[float]:
+        if policy.drift.expected_escalation is not None:
+            return policy.drift.expected_escalation
+        edge = self._router.edge_model
+        metrics = getattr(getattr(edge, "manifest", None), "metrics", None) or {}
+        value = metrics.get("expected_escalation")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def _check_escalation(self, version: str, policy, share: float, n: int) -> None:
+        p0 = self.expected_escalation(policy)
+        if p0 is None or version in self._alarmed:
+            return
+        tol = policy.drift.z * math.sqrt(max(p0 * (1 - p0), 1e-12) / n)
+        if abs(share - p0) > tol:
+            self._fire(version, policy, "escalation",
+                       f"edge {version}: realised escalation {share:.3f} over {n} answers is outside the calibrated "
+                       f"band {p0:.3f} ± {tol:.3f}")
+
+    def _check_agreement(self, version: str, policy, agreed: int, n: int) -> None:
+        floor = policy.agreement_floor
+        if floor is None or n == 0 or version in self._alarmed:
+            return
+        lo, hi = wilson(agreed, n, policy.drift.confidence)
+        if hi < floor:
+            self._fire(version, policy, "agreement",
+                       f"edge {version}: audit agreement {agreed}/{n} (upper bound {hi:.3f}) is under the "
+                       f"agreement_floor {floor}")
+
+    def _fire(self, version: str, policy, kind: str, message: str) -> None:
+        with self._lock:
+            if version in self._alarmed:
+                return
+            self._alarmed.add(version)
+            self.alarm = {"version": version, "kind": kind, "message": message, "at": time.time(),
+                          "rollback": None}
+            self.alarms.append(self.alarm)
+        log.warning("drift alarm: %s%s", message, "; rolling back" if policy.drift.rollback else "")
+        if policy.drift.rollback:
+            threading.Thread(target=self._rollback, args=(self.alarm,), name="router-field-rollback",
+                             daemon=True).start()
+
+    def _rollback(self, alarm: dict) -> None:
+        router = self._router
+        if router.edge_model is None or router.edge_model.version != alarm["version"]:
+            alarm["rollback"] = "skipped: another version answers now"
+            return
+        try:
+            now = router.rollback_edge()
+        except Exception as exc:  # noqa: BLE001 -- ConfigError (no updater), NothingToRollBack: said in stats
+            alarm["rollback"] = f"failed: {exc}"
+            log.error("drift alarm: rollback of edge %s failed: %s", alarm["version"], exc)
+            return
+        alarm["rollback"] = now
+        self.rollbacks.append(f"{alarm['version']}->{now}")
+        log.warning("drift alarm: edge %s rolled back; %s answers now", alarm["version"], now)
+
+    # ------------------------------------------------------------------ fleet report
+
+    def _start_reporter(self) -> None:
+        with self._lock:
+            if self._reporter_started:
+                return
+            self._reporter_started = True
+        try:
+            self._tasks.append(self._router._ensure_io().submit(self._report_loop()))
+        except Exception:  # noqa: BLE001 -- closed router
+            pass
+
+    def pending_report(self) -> dict[str, dict[str, int]]:
+        """The counts since the last successful report, per version (what the next report sends)."""
+        with self._lock:
+            now = {v: c.report() for v, c in self._versions.items()}
+            out = {}
+            for v, counts in now.items():
+                sent = self._unreported.get(v, Counter())
+                delta = {k: counts[k] - sent.get(k, 0) for k in counts}
+                if any(delta.values()):
+                    out[v] = delta
+            return dict(list(out.items())[-MAX_VERSIONS:])
+
+    async def _report_loop(self) -> None:
+        router = self._router
+        while not router._closed:
+            policy = router._snap.policy
+            interval = policy.fleet_report_interval_s
+            if interval <= 0 or policy.privacy_mode:
+                self._reporter_started = False
+                return
+            await asyncio.sleep(interval)
+            await self.report_now()
+
+    async def report_now(self) -> bool:
+        """One report (on the I/O loop); True when the service took it."""
+        router = self._router
+        snap = router._snap
+        if snap.policy.privacy_mode or not snap.states:
+            return False
+        delta = self.pending_report()
+        if not delta:
+            return True
+        ep = snap.states[0].endpoint
+        body = json.dumps({"versions": delta}).encode()
+        try:
+            status, _, content = await router._cloud._exchange(ep, "POST", ep.url + REPORT_PATH, _REPORT_CAP,
+                                                               snap.policy.cloud.per_try_timeout_ms / 1000.0,
+                                                               content=body)
+        except Exception as exc:  # noqa: BLE001 -- kept for the next report
+            self.report_error = f"{type(exc).__name__}: {exc}"
+            return False
+        if status != 200:
+            self.report_error = f"HTTP {status}: {content[:200].decode(errors='replace')}"
+            return False
+        with self._lock:
+            for v, d in delta.items():
+                sent = self._unreported.setdefault(v, Counter())
+                for k, n in d.items():
+                    sent[k] += n
+        self.reports_sent += 1
+        self.report_error = None
+        return True
+
+    def close(self) -> None:
+        """Cancel the drainer and the reporter (before the router's I/O loop closes)."""
+        for task in self._tasks:
+            task.cancel()
+
+    # ------------------------------------------------------------------ stats
+
+    def snapshot(self, policy, current_version: str) -> dict:
+        conf = policy.drift.confidence
+        with self._lock:
+            versions = {}
+            for v, c in self._versions.items():
+                audited = c.audits_sent - c.audits_failed
+                versions[v] = {
+                    "answers": dict(sorted(c.answers.items())),
+                    "requests": sum(c.answers.values()),
+                    "escalation_rate": c.escalated / max(1, sum(c.answers.values())),
+                    "unsure_rate": c.unsure / c.edge_ran if c.edge_ran else None,
+                    "audits": {"sent": c.audits_sent, "agreed": c.audits_agreed, "failed": c.audits_failed,
+                               "dropped": c.audits_dropped, "skipped_budget": c.audits_skipped_budget},
+                    "agreement": c.audits_agreed / audited if audited else None,
+                    "agreement_ci": list(wilson(c.audits_agreed, audited, conf)) if audited else None,
+                }
+            window = {"version": self._window_version, "answers": len(self._window),
+                      "unsure_rate": self._window_sum / len(self._window) if self._window else None}
+            alarm = dict(self.alarm) if self.alarm else None
+        return {"edge_version": current_version, "versions": versions, "window": window,
+                "expected_escalation": self.expected_escalation(policy), "agreement_floor": policy.agreement_floor,
+                "audit_rate": policy.audit_rate, "audits_pending": self._pending, "alarm": alarm,
+                "alarms": len(self.alarms), "rollbacks": list(self.rollbacks),
+                "fleet_reports": {"sent": self.reports_sent, "last_error": self.report_error}}
