@@ -613,9 +613,10 @@ class EdgeUpdater:
                 "refused": dict(self._state["refused"]), "on_disk": self.on_disk(), "last_delta": self.last_delta}
 
 
-def _input_spec(model: OnnxClassifier) -> tuple:
-    c = model.preprocess_config
-    return (c.height, c.width, round(c.mean, 6), round(c.std, 6), c.invert)
+def _input_spec(model: OnnxClassifier) -> dict:
+    # The manifest's whole input contract (shape, layout, colour, scalar or per-channel mean/std,
+    # resize, inversion...): a release that preprocesses differently is not a drop-in swap.
+    return model.manifest.input.model_dump(mode="json")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
