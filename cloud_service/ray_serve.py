@@ -157,7 +157,8 @@ def _import_serve():
     try:
         from ray import serve
     except ImportError as exc:
-        raise RayServeError(f"Ray Serve is not installed ({exc}); pip install 'hybrid-router[ray]'") from exc
+        raise RayServeError(f"Ray Serve is not installed ({exc}); "
+                            "pip install 'hybrid-edge-router-server[ray]'") from exc
     return serve
 
 
@@ -478,7 +479,8 @@ def run(settings: ServiceSettings, args) -> int:
 
 
 def _serve_on_cluster(settings: ServiceSettings) -> int:
-    """Deploy to an existing cluster (its nodes need ``pip install 'hybrid-router[ray]'``); remove on exit."""
+    """Deploy to an existing cluster (its nodes need ``pip install 'hybrid-edge-router-server[ray]'``);
+    remove on exit."""
     import ray
     from ray import serve
 
