@@ -66,7 +66,7 @@ from cloud_service.errors import (
     Unavailable,
 )
 from cloud_service.metrics import FleetMetrics, ServiceMetrics
-from cloud_service.settings import SETTINGS_JSON_ENV, ServiceSettings, load_settings
+from cloud_service.settings import ServiceSettings
 from edge_model.errors import DecodeBusy
 from edge_model.preprocess import configure_decode_budget
 
@@ -240,13 +240,6 @@ def create_app(settings: Optional[ServiceSettings] = None, env: Optional[Mapping
 
     app.include_router(metrics_router)
     return app
-
-
-def create_app_from_environment() -> FastAPI:
-    """Factory for uvicorn worker processes: settings from ``$HYBRID_CLOUD_SETTINGS_JSON`` (else defaults + env)."""
-    text = os.environ.get(SETTINGS_JSON_ENV)
-    settings = ServiceSettings.from_json(text) if text else load_settings()
-    return create_app(settings)
 
 
 # ----------------------------------------------------------------------------- fleet report

@@ -232,7 +232,7 @@ def serve(settings, fd: int | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloud_service",
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "hybrid-router-serve",
                                      description="Run the cloud inference service (Open Inference Protocol v2).")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -16,10 +16,14 @@ from router.errors import (
     CircuitOpen,
     CloudAuthError,
     CloudError,
+    CloudGatewayError,
+    CloudIncompatible,
+    CloudOverloaded,
     CloudProtocolError,
     CloudRejected,
     CloudServerError,
     CloudTimeout,
+    CloudTLSError,
     CloudUnavailable,
     ConfigError,
     EdgeError,
@@ -33,7 +37,7 @@ from router.prediction import CloudFailure, EdgeOpinion, Prediction, Reason, Tim
 from router.progressive import ProgressiveHandle
 
 __all__ = [
-    "CircuitOpen", "CloudAuthError", "CloudError", "CloudProtocolError", "CloudRejected", "CloudServerError",
+    "CircuitOpen", "CloudAuthError", "CloudError", "CloudGatewayError", "CloudIncompatible", "CloudOverloaded", "CloudTLSError", "CloudProtocolError", "CloudRejected", "CloudServerError",
     "CloudTimeout", "CloudUnavailable", "CloudFailure", "ConfigError", "EdgeError", "EdgeOpinion", "Endpoint",
     "InvalidInput", "Mode", "Prediction", "PredictionUnavailable", "ProgressiveHandle", "PrivacyViolation", "Reason",
     "Router", "RouterError",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequen
 import numpy as np
 
 from edge_model.errors import EdgeModelError, InputError
-from edge_model.preprocess import PreprocessConfig, normalise, preprocess, to_pixels
+from edge_model.preprocess import PreprocessConfig, normalise, preload_decoders, preprocess, to_pixels
 from edge_model.runtime import DEFAULT_EDGE_MANIFEST, EdgeModel, OnnxClassifier, SessionOptions
 from router._io import IOThread
 from router.audit import FieldMonitor
@@ -116,6 +116,7 @@ class Router:
         self._edge, self._edge_error = self._load_edge(policy, edge_model, self._policy_path)
         if self._edge is None and policy.edge.required:
             raise self._edge_error
+        preload_decoders()  # Pillow's plugins now, not inside the first image request's deadline
         self._labels = self._edge.labels if self._edge else tuple(_default_labels())
         self._edge_version = self._edge.version if self._edge else "unavailable"
         self._pre = self._edge.preprocess_config if self._edge else PreprocessConfig()

@@ -105,8 +105,19 @@ class Endpoint(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
         if not (v.startswith("http://") or v.startswith("https://")):
             raise ValueError("must start with http:// or https://")
+        if any(c.isspace() for c in v):
+            raise ValueError(f"{v!r} contains white space")
+        parts = urlsplit(v)
+        if not parts.hostname:
+            raise ValueError(f"{v!r} names no host (e.g. http://127.0.0.1:8000)")
+        try:
+            parts.port  # raises for a port outside 0-65535 or not a number
+        except ValueError:
+            raise ValueError(f"{v!r} has an invalid port") from None
         return v.rstrip("/")
 
     @model_validator(mode="after")

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Reason(str, Enum):
+    def __str__(self) -> str:  # print(p.reason) shows "cloud_error", not "Reason.CLOUD_ERROR"
+        return self.value
+
     CONFIDENT = "confident"  # edge: calibrated confidence reached the threshold
     LOW_CONFIDENCE = "low_confidence"  # cloud: the edge was unsure
     PRIVACY = "privacy"  # edge: privacy forbids the network
