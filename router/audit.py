@@ -37,6 +37,7 @@ import numpy as np
 from router.ab import wilson
 from router.budget import price_of
 from router.effects import CloudCall, CloudReply
+from router.policy import Mode
 from router.prediction import Reason
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ class FieldMonitor:
         policy = req.policy
         thresholds = req.thresholds
         audit: list[int] = []
-        rate = 0.0 if req.privacy or policy.privacy_mode else policy.audit_rate
+        # Nothing leaves under privacy, in edge_only mode (never the network) or without an endpoint.
+        offline = req.privacy or policy.privacy_mode or req.mode is Mode.EDGE_ONLY or not req.endpoints
+        rate = 0.0 if offline else policy.audit_rate
         with self._lock:
             c = self._counts(version)
             if self._window_version != version:  # a new model: its own window
@@ -141,7 +144,8 @@ class FieldMonitor:
             self._check_escalation(version, policy, share, n)
         if audit and local is not None and local.x is not None:
             self._enqueue(req, version, local, predictions, audit)
-        if policy.fleet_report_interval_s > 0 and not policy.privacy_mode and not self._reporter_started:
+        if (policy.fleet_report_interval_s > 0 and not self._reporter_started and not policy.privacy_mode
+                and policy.mode is not Mode.EDGE_ONLY and req.endpoints):
             self._start_reporter()
 
     def _enqueue(self, req, version: str, local, predictions, rows: list[int]) -> None:
@@ -191,7 +195,7 @@ class FieldMonitor:
         router = self._router
         snap = router._snap
         policy = snap.policy
-        if policy.privacy_mode:  # privacy turned on since the answer: nothing leaves
+        if policy.privacy_mode or policy.mode is Mode.EDGE_ONLY:  # turned on since the answer: nothing leaves
             return
         state = next((s for s in snap.states if s.breaker.would_allow()), None)
         rows = len(edge_cls)
@@ -199,7 +203,7 @@ class FieldMonitor:
             with self._lock:
                 self._counts(version).audits_failed += rows
             return
-        budget = snap.budget
+        budget = req.budget  # the request's own (an A/B arm may have its own budget)
         if budget is not None:
             price = price_of(state.endpoint)
             room, _ = budget.headroom(0, price)
@@ -312,7 +316,7 @@ class FieldMonitor:
         while not router._closed:
             policy = router._snap.policy
             interval = policy.fleet_report_interval_s
-            if interval <= 0 or policy.privacy_mode:
+            if interval <= 0 or policy.privacy_mode or policy.mode is Mode.EDGE_ONLY:
                 self._reporter_started = False
                 return
             await asyncio.sleep(interval)
@@ -322,7 +326,7 @@ class FieldMonitor:
         """One report (on the I/O loop); True when the service took it."""
         router = self._router
         snap = router._snap
-        if snap.policy.privacy_mode or not snap.states:
+        if snap.policy.privacy_mode or snap.policy.mode is Mode.EDGE_ONLY or not snap.states:
             return False
         delta = self.pending_report()
         if not delta:

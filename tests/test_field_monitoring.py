@@ -121,6 +121,11 @@ def test_privacy_requests_are_never_audited(service, images):
         assert audits_settled(r)
         v = field(r)["versions"][r.stats()["edge"]["version"]]
         assert v["audits"]["sent"] == 0 and v["answers"] == {"edge/privacy": 50}
+        for img in images[:50]:  # edge_only: never the network, so never an audit either
+            r.predict(img, mode="edge_only")
+        assert audits_settled(r)
+        v = field(r)["versions"][r.stats()["edge"]["version"]]
+        assert v["audits"]["sent"] == 0 and v["answers"] == {"edge/privacy": 50, "edge/mode": 50}
 
 
 def test_a_full_audit_queue_drops_instead_of_waiting(service, images):
