@@ -79,9 +79,10 @@ class FieldMonitor:
         self._lock = threading.Lock()
         self._versions: dict[str, VersionCounts] = {}
         self._unreported: dict[str, Counter] = {}
-        self._window: deque[int] = deque()
+        self._window: deque[bool] = deque(maxlen=1)
         self._window_sum = 0
         self._window_version: Optional[str] = None
+        self._since_check = 0
         self._pending = 0  # audits handed to the I/O thread and not finished
         self._queue: Optional[asyncio.Queue] = None
         self._tasks: list = []  # concurrent futures of the drainer and the reporter, cancelled at close
@@ -104,7 +105,8 @@ class FieldMonitor:
         return c
 
     def observe(self, req, predictions, local) -> None:
-        """After a request answered: count it; sample confident edge rows for audit."""
+        """After a request answered: count it; sample confident edge rows for audit. On the
+        caller's thread, so kept to plain attribute reads and integer adds (a few microseconds)."""
         version = req.edge_version
         policy = req.policy
         thresholds = req.thresholds
@@ -112,14 +114,16 @@ class FieldMonitor:
         # Nothing leaves under privacy, in edge_only mode (never the network) or without an endpoint.
         offline = req.privacy or policy.privacy_mode or req.mode is Mode.EDGE_ONLY or not req.endpoints
         rate = 0.0 if offline else policy.audit_rate
+        size = policy.drift.window
         with self._lock:
             c = self._counts(version)
-            if self._window_version != version:  # a new model: its own window
-                self._window.clear()
+            window = self._window
+            if self._window_version != version or window.maxlen != size:  # a new model or window: start again
+                window = self._window = deque(maxlen=size)
                 self._window_sum, self._window_version = 0, version
             for i, p in enumerate(predictions):
-                reason = p.reason.value
-                c.answers[f"{p.source}/{reason}"] += 1
+                reason = p.reason._value_  # a plain attribute (Enum.value is a descriptor)
+                c.answers[(p.source, reason)] += 1
                 if p.source == "cloud":
                     c.escalated += 1
                     opinion = p.edge
@@ -127,21 +131,23 @@ class FieldMonitor:
                         continue
                     unsure = opinion.confidence < thresholds[opinion.class_index]
                 else:
-                    if reason in ("edge_error",):
-                        continue
                     unsure = p.confidence < thresholds[p.class_index]
+                    if rate and reason == _CONFIDENT and req.rng.random() < rate:
+                        audit.append(i)
                 c.edge_ran += 1
                 c.unsure += unsure
-                self._window.append(unsure)
+                if len(window) == size:
+                    self._window_sum -= window[0]
+                window.append(unsure)
                 self._window_sum += unsure
-                if len(self._window) > policy.drift.window:
-                    self._window_sum -= self._window.popleft()
-                if rate and reason == _CONFIDENT and p.source == "edge" and req.rng.random() < rate:
-                    audit.append(i)
-            window_full = len(self._window) >= policy.drift.window
-            share, n = (self._window_sum / len(self._window), len(self._window)) if window_full else (0.0, 0)
-        if window_full:
-            self._check_escalation(version, policy, share, n)
+            # Looked at every 8th answer once the window is full: the band moves slowly.
+            self._since_check += len(predictions)
+            check = self._since_check >= 8 and len(window) == size and version not in self._alarmed
+            if check:
+                self._since_check = 0
+            share = self._window_sum / size
+        if check:
+            self._check_escalation(version, policy, share, size)
         if audit and local is not None and local.x is not None:
             self._enqueue(req, version, local, predictions, audit)
         if (policy.fleet_report_interval_s > 0 and not self._reporter_started and not policy.privacy_mode
@@ -366,7 +372,7 @@ class FieldMonitor:
             for v, c in self._versions.items():
                 audited = c.audits_sent - c.audits_failed
                 versions[v] = {
-                    "answers": dict(sorted(c.answers.items())),
+                    "answers": {f"{k[0]}/{k[1]}": n for k, n in sorted(c.answers.items())},
                     "requests": sum(c.answers.values()),
                     "escalation_rate": c.escalated / max(1, sum(c.answers.values())),
                     "unsure_rate": c.unsure / c.edge_ran if c.edge_ran else None,
