@@ -56,7 +56,7 @@ def export_model_repository(
         import onnx
         from onnx import TensorProto, helper
     except ImportError as exc:
-        raise ExportError(f"the onnx package is needed to export ({exc}); pip install onnx (train extra)") from exc
+        raise ExportError(f"the onnx package is needed to export ({exc}); pip install 'hybrid-edge-router-server[export]'") from exc
     if version < 1:
         raise ExportError(f"Triton model versions are positive integers; got {version}")
     if max_batch_size < 1 or max_queue_delay_us < 0 or max_queue_size < 0 or intra_op_threads < 1 or instances < 1:

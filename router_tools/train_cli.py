@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from router_tools import train
     except ImportError as exc:
-        raise SystemExit(f"training needs the train extra: pip install -e '.[train]' ({exc})") from None
+        raise SystemExit(f"training needs torch and onnx: pip install torch==2.13.0 'hybrid-edge-router-tools[train]' ({exc})") from None
     if args.apply_flip_tta:
         from pathlib import Path
 

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="minimum images per scenario after it; each goes on until its condition is seen (default 20)")
     p.add_argument("--stage-seconds", type=float, default=20.0,
                    help="time bound of each stage if its condition is not seen (default 20)")
-    p.add_argument("--config", metavar="POLICY", help="routing policy (default: config/policy.yaml); the demo points "
+    p.add_argument("--config", metavar="POLICY", help="routing policy (default: $HYBRID_ROUTER_POLICY, else the policy packaged with the client); the demo points "
                    "its endpoint at the local service and shortens the breaker's open duration")
     p.add_argument("--edge-manifest", metavar="PATH", help="edge model manifest (default: the policy's, else the shipped INT8)")
     p.add_argument("--cloud-manifest", metavar="PATH", help="cloud model manifest the local service serves "

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, default_split="test")
 
     run = p.add_argument_group("router and service")
-    run.add_argument("--config", metavar="POLICY", help="routing policy (default: config/policy.yaml); its "
+    run.add_argument("--config", metavar="POLICY", help="routing policy (default: $HYBRID_ROUTER_POLICY, else the policy packaged with the client); its "
                      "endpoint URL is replaced by the service under test")
     run.add_argument("--cloud-url", help="evaluate against this running v2 service instead of starting one")
     run.add_argument("--edge-manifest", metavar="PATH", help="edge model manifest (default: the policy's, else the shipped INT8)")

@@ -10,9 +10,9 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the shipped sample images)")
-    p.add_argument("--config", help="routing policy YAML (default: config/policy.yaml)")
+    p.add_argument("--config", help="routing policy YAML (default: $HYBRID_ROUTER_POLICY, else the policy packaged with the client)")
     p.add_argument("--privacy", action="store_true", help="answer on this device only; nothing leaves it")
-    p.add_argument("--deadline-ms", type=float, help="latency budget per image")
+    p.add_argument("--deadline-ms", type=_positive_ms, help="latency budget per image")
     p.add_argument("--mode", choices=["prefer_edge", "edge_only", "prefer_cloud", "cloud_only"])
     p.add_argument("--progressive", action="store_true",
                    help="print the edge's answer at once, then the cloud's refinement when it lands")
@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps({"image": str(path), "error": type(exc).__name__, "message": str(exc),
                                       "cloud_failure": category}))
                 else:
-                    print(f"{path.name:32s}  ERROR {type(exc).__name__}" + (f" (cloud {category})" if category else "")
-                          + f": {exc}")
+                    # per-image failures go to stderr (the answers stay on stdout); exit status 1
+                    print(f"hybrid-router predict: {path}: {type(exc).__name__}" + (f" (cloud {category})" if category else "")
+                          + f": {exc}", file=sys.stderr)
                 continue
             if args.json:
                 print(json.dumps({"image": str(path), **p.model_dump(mode="json")}))
@@ -98,3 +99,15 @@ def _progressive(router, path, args) -> None:
         why = f" ({p.cloud_failure.category}): {p.cloud_failure.message}" if p.cloud_failure is not None else ""
         print(f"{'':32s}  -> first answer stands: {p.reason.value} after {p.timings.total_ms:.1f} ms{why}",
               flush=True)
+
+
+def _positive_ms(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 ms, got {text}")
+    return value
