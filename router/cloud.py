@@ -267,6 +267,8 @@ def error_from_status(status: int, headers: httpx.Headers, content: bytes, endpo
     msg = _error_message(content)
     text = f"HTTP {status} from {endpoint.label}" + (f": {msg}" if msg else "")
     if status in (401, 403):
+        if endpoint.api_key_env and not endpoint.api_key():
+            text += f" (the policy's api_key_env {endpoint.api_key_env} is not set in this process's environment)"
         return CloudAuthError(text, endpoint=endpoint.label, status=status)
     if status in OVERLOADED_STATUS:
         return CloudOverloaded(text, endpoint=endpoint.label, status=status, retry_after=_retry_after(headers))

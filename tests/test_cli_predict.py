@@ -39,6 +39,8 @@ def test_predict_reports_bad_files_and_keeps_going(tmp_path):
     good = sorted(SAMPLES_DIR.glob("*.png"))[0]
     out = _cli("predict", "--privacy", str(bad), str(good), str(tmp_path / "missing.png"))
     assert out.returncode == 1
-    lines = out.stdout.splitlines()
-    assert "ERROR InvalidInput" in lines[0] and "ERROR InvalidInput" in lines[2]
-    assert "privacy" in lines[1]
+    # answers on stdout, one line per failed image on stderr (named, with the typed error)
+    lines, errors = out.stdout.splitlines(), out.stderr.splitlines()
+    assert len(lines) == 1 and "privacy" in lines[0]
+    assert len(errors) == 2 and all(e.startswith("hybrid-router predict: ") and "InvalidInput" in e for e in errors)
+    assert "not-an-image.png" in errors[0] and "missing.png" in errors[1] and "Traceback" not in out.stderr
