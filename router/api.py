@@ -173,7 +173,13 @@ class Router:
             plan = ExperimentPlan.build(policy, self._labels, budget, prev.experiment if prev else None, self._clock)
         arm_budgets = {name: r.budget for name, r in plan.routes.items() if r.budget is not budget} if plan else {}
         self._telemetry.attach({"": budget, **arm_budgets}, policy.experiments)
-        return _Snapshot(policy, policy.thresholds_for(self._labels), states, budget, plan)
+        try:
+            thresholds = policy.thresholds_for(self._labels)
+        except ConfigError as exc:  # name the file: the labels are only known once the edge model loaded
+            if self._policy_path is None:
+                raise
+            raise ConfigError(f"{self._policy_path}: {exc}") from None
+        return _Snapshot(policy, thresholds, states, budget, plan)
 
     def _warm(self, policy: RoutingPolicy) -> None:
         """Pay the first escalation's one-off costs now (the async stack's imports, httpx's client

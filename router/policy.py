@@ -261,7 +261,11 @@ class RoutingPolicy(_Strict):
             elif str(key).isdigit() and int(key) < len(labels):
                 out[int(key)] = float(t)
             else:
-                raise ConfigError(f"class_thresholds: {key!r} is neither a label of the edge model nor an index")
+                import difflib
+
+                near = difflib.get_close_matches(str(key), labels, n=1)
+                hint = f" -- did you mean {near[0]!r}?" if near else f" (labels: {', '.join(labels)})"
+                raise ConfigError(f"class_thresholds: {key!r} is neither a label of the edge model nor an index{hint}")
         return tuple(out)
 
     def with_overrides(self, **overrides) -> "RoutingPolicy":
@@ -313,5 +317,8 @@ def parse_policy_text(text: str, source: str = "<policy>") -> RoutingPolicy:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
     return parse_policy(data, source)
