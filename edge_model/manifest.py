@@ -197,8 +197,10 @@ class Manifest(BaseModel):
                 raw["labels"] = read_labels(path.parent / name)
         try:
             return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ArtifactError(f"{path}: invalid manifest: {exc}") from exc
+        except ValidationError as exc:  # one line: the field and what is wrong with it
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                                 for e in exc.errors()[:3])
+            raise ArtifactError(f"{path}: invalid manifest: {problems}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
