@@ -163,7 +163,7 @@ def measure(args: argparse.Namespace) -> dict:
         if args.cloud_url is None:  # the service started here serves the shipped cloud model: its size is known
             from edge_model.manifest import Manifest
 
-            cm = Path(__file__).resolve().parent.parent.parent / "cloud_service" / "artifacts" / "cloud-fp32.json"
+            from cloud_service.settings import DEFAULT_MANIFEST as cm  # the service itself started from it
             if cm.is_file():
                 c["size_mb"] = (cm.parent / Manifest.load(cm).file).stat().st_size / 1e6
         single = stack.enter_context(V2BatchClient(url, args.cloud_model, api_key_env=args.api_key_env, batch_size=1,

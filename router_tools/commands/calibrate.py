@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from router_tools.commands._common import add_data_arguments
+from router_tools.commands._common import add_data_arguments, shipped_cloud_manifest
 
-DEFAULT_CLOUD_MANIFEST = "cloud_service/artifacts/cloud-fp32.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     models.add_argument("--config", metavar="POLICY", help="policy to read the edge model from and to patch "
                         "(default: the --write file, else config/policy.yaml)")
     models.add_argument("--edge-manifest", help="edge model manifest (default: the policy's edge.manifest or the shipped INT8)")
-    models.add_argument("--cloud-manifest", help=f"cloud model manifest (default: {DEFAULT_CLOUD_MANIFEST})")
+    models.add_argument("--cloud-manifest", help="cloud model manifest (default: the one shipped with the server distribution)")
     models.add_argument("--cloud-url", help="score the cloud side through a running v2 service instead of the model file")
     models.add_argument("--cloud-model", default=None, help="model name on the service (default: the policy endpoint's, fashion-mnist)")
     models.add_argument("--api-key-env", help="environment variable holding the service's API key")
@@ -90,7 +89,6 @@ def _run(args: argparse.Namespace) -> int:
 
         require_matplotlib()
     console = Console(stderr=False, highlight=False)
-    root = Path(__file__).resolve().parent.parent.parent
     policy_path = Path(args.config or args.write or DEFAULT_POLICY_PATH)
     policy = load_policy(policy_path)
     if args.refit_temperature and args.write and not args.edge_out:
@@ -126,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
             cloud_probs, remote = client.predict_proba(data.pixels, edge.preprocess_config)
         cloud_desc = f"{remote.model} {remote.version} via {remote.url} ({remote.datatype})"
     else:
-        cloud_manifest = Path(args.cloud_manifest or root / DEFAULT_CLOUD_MANIFEST)
+        cloud_manifest = Path(args.cloud_manifest) if args.cloud_manifest else shipped_cloud_manifest()
         cloud = OnnxClassifier(cloud_manifest)
         if tuple(cloud.labels) != tuple(edge.labels):
             raise ConfigError(f"{cloud_manifest}: labels differ from the edge model's ({edge_manifest})")

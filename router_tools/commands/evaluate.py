@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from router_tools.commands._common import add_data_arguments
+from router_tools.commands._common import add_data_arguments, shipped_cloud_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,9 +81,8 @@ def _models_only(args: argparse.Namespace) -> int:
     from router_tools.labeled import load_labeled
     from router_tools.scoring import model_probs
 
-    root = Path(__file__).resolve().parent.parent.parent
     manifests = [("edge FP32", ARTIFACTS_DIR / "edge-fp32.json"), ("edge INT8", DEFAULT_EDGE_MANIFEST),
-                 ("cloud FP32", root / "cloud_service" / "artifacts" / "cloud-fp32.json")]
+                 ("cloud FP32", shipped_cloud_manifest())]
     console = _console()
     rows, data = [], None
     for title, manifest in manifests:
