@@ -74,7 +74,7 @@ def test_outage_answers_every_request_locally_and_opens_the_breaker(demo):
     _, body = demo
     outage = body[SECTIONS[2]]
     assert ">>> cloud service killed (SIGKILL" in outage
-    assert "(fallback)" in outage
+    assert re.search(r"\(fallback: (unreachable|timeout)\)", outage)  # why the escalation failed
     assert "breaker opened" in outage and "breaker local open" in outage
     n = int(re.search(r"^  (\d+) answered", outage, re.M).group(1))
     assert re.search(rf"in {DEADLINE_MS} ms: \d+/{n}$", outage, re.M)

@@ -324,6 +324,7 @@ class _Demo:
         label = int(self.labels[idx])
         row = {"n": j + 1, "image": idx, "label": label, "pred": p.class_index, "answer": p.label,
                "source": p.source, "reason": p.reason.value, "fallback": p.fallback, "ms": ms,
+               "failure": p.cloud_failure.category if p.cloud_failure else None,
                "ok": p.class_index == label, "breaker_before": state_before,
                "breaker_after": self.breaker_state(router)}
         if progressive:
@@ -336,7 +337,8 @@ class _Demo:
         """Log the first answer of each kind in the stage and every change of the breaker."""
         import time
 
-        kind = f"{r['source']}/{r['reason']}" + (" (fallback)" if r["fallback"] else "")
+        why = f": {r['failure']}" if r.get("failure") and not r.get("refined") else ""  # unreachable, timeout...
+        kind = f"{r['source']}/{r['reason']}" + (f" (fallback{why})" if r["fallback"] else "")
         if kind not in kinds and r.get("refined", True):  # a progressive stage shows refined answers only
             kinds.add(kind)
             if r.get("refined"):  # a progressive answer: the first at once, then this one
