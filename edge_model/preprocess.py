@@ -663,16 +663,8 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
         if orientation in _EXIF_TRANSPOSE:
             im = im.transpose(_EXIF_TRANSPOSE[orientation])
         gray = _to_gray(im, source_mode)
-    except (ImageDecodeError, ImageTooLarge, DecodeBusy):
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
-    except MemoryError:
-        raise ImageTooLarge("not enough memory to decode the image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
-        # Pillow reports truncation as OSError("image file is truncated ..."); its plugins raise
-        # the others on malformed chunks / IFDs / EXIF.
-        raise ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}") from None
+    except Exception as exc:
+        raise _decode_error(exc) from None
     if gray.size != target or config.resize == "shorter_side_center_crop":
         gray = _fit(gray, target, config)
     pixels = np.asarray(gray, dtype=np.uint8)
@@ -685,6 +677,23 @@ def _image_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None 
 @contextmanager
 def _nothing():
     yield
+
+
+def _decode_error(exc: Exception) -> Exception:
+    """What a failure while decoding/converting an image becomes: the project's own typed errors
+    pass through; Pillow's (and its plugins') errors become ImageTooLarge / ImageDecodeError.
+    Anything else is a bug here and is re-raised as it is."""
+    if isinstance(exc, (ImageDecodeError, ImageTooLarge, DecodeBusy)):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageTooLarge(f"image refused as a decompression bomb: {exc}")
+    if isinstance(exc, MemoryError):
+        return ImageTooLarge("not enough memory to decode the image")
+    # Pillow reports truncation as OSError("image file is truncated ..."); its plugins raise the
+    # others on malformed chunks / IFDs / EXIF.
+    if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError)):
+        return ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}")
+    return exc
 
 
 def _fit(img: Image.Image, target: tuple[int, int], config: PreprocessConfig = DEFAULT_CONFIG) -> Image.Image:
@@ -771,14 +780,8 @@ def _colour_pixels(im: Image.Image, config: PreprocessConfig, invert: str | None
             im = im.convert("RGB")
         if im.size != target or config.resize == "shorter_side_center_crop":
             im = _fit(im, target, config)
-    except (ImageDecodeError, ImageTooLarge, DecodeBusy):
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
-    except MemoryError:
-        raise ImageTooLarge("not enough memory to decode the image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
-        raise ImageDecodeError(f"cannot decode image (truncated or corrupt): {exc}") from None
+    except Exception as exc:
+        raise _decode_error(exc) from None
     pixels = np.asarray(im, dtype=np.uint8)
     mode = invert or config.invert
     if mode == "always" or (mode == "auto" and _bright_border(pixels)):
