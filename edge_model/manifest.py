@@ -30,6 +30,9 @@ field              values                                         default
                    ``log_probabilities``
 ``labels`` /       inline list, or a file next to the manifest    (one of the two is required)
 ``labels_file``    (one label per line, or a JSON list)
+``calibration``    ``threshold`` and the ``expected_escalation``   none: the policy's threshold and
+                   it gave on ``split`` (a release's travels      ``drift.expected_escalation``
+                   with it: router/updates.py)
 ``name``, ``version``, ``file``, ``sha256``, ``temperature``, ``twin`` (FP32 twin of an INT8 model)
 =================  =============================================  ======================================
 
@@ -136,6 +139,18 @@ class InputSpec(BaseModel):
         return tuple(self.std) if isinstance(self.std, list) else (float(self.std),)
 
 
+class Calibration(BaseModel):
+    """The routing calibration of this model: the confidence threshold chosen for it and the
+    escalation share that threshold gave on ``split`` (what the drift alarm's band is centred
+    on). Optional; a manifest without it loads as before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: Optional[float] = Field(None, ge=0, le=1)
+    expected_escalation: Optional[float] = Field(None, ge=0, le=1)
+    split: Optional[str] = Field(None, description="where it was measured, e.g. validation")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -155,6 +170,7 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     recipe: dict[str, Any] = Field(default_factory=dict)
     twin: str | None = Field(None, description="FP32 twin of a quantized model, relative file name")
+    calibration: Optional[Calibration] = Field(None, description="threshold and expected escalation chosen for it")
 
     @field_validator("file", "twin", "labels_file")
     @classmethod

@@ -118,6 +118,7 @@ class Router:
             raise self._edge_error
         preload_decoders()  # Pillow's plugins now, not inside the first image request's deadline
         self._labels = self._edge.labels if self._edge else tuple(_default_labels())
+        self._release_cal = None  # calibration of the release answering now (router/updates.py)
         self._edge_version = self._edge.version if self._edge else "unavailable"
         self._pre = self._edge.preprocess_config if self._edge else PreprocessConfig()
         if policy.edge.max_pixels != self._pre.max_pixels:
@@ -174,7 +175,11 @@ class Router:
         arm_budgets = {name: r.budget for name, r in plan.routes.items() if r.budget is not budget} if plan else {}
         self._telemetry.attach({"": budget, **arm_budgets}, policy.experiments)
         try:
-            thresholds = policy.thresholds_for(self._labels)
+            cal = self._release_cal  # a release's calibrated threshold travels with it unless the policy pins its own
+            if cal is not None and cal.threshold is not None and policy.updates.calibration == "release":
+                thresholds = (float(cal.threshold),) * len(self._labels)
+            else:
+                thresholds = policy.thresholds_for(self._labels)
         except ConfigError as exc:  # name the file: the labels are only known once the edge model loaded
             if self._policy_path is None:
                 raise
@@ -211,15 +216,22 @@ class Router:
     def edge_model(self) -> OnnxClassifier | None:
         return self._edge
 
-    def _swap_edge(self, edge: OnnxClassifier) -> None:
-        """Install an edge model that :mod:`router.updates` validated (same labels and input spec).
-        Each request reads the model reference once, so it runs on the old or the new one, whole."""
+    def _swap_edge(self, edge: OnnxClassifier, *, release: bool = True) -> None:
+        """Install an edge model that :mod:`router.updates` validated (same input spec), with its
+        labels (the endpoints' published labels are compared again) and, for a ``release``, its
+        manifest's calibration. Each request reads the model reference once, so it runs on the old
+        or the new one, whole; one that began under other labels does not take its answer (_run_edge)."""
         pre = edge.preprocess_config
         if pre.max_pixels != self._snap.policy.edge.max_pixels:
             pre = PreprocessConfig(**{**pre.__dict__, "max_pixels": self._snap.policy.edge.max_pixels})
         with self._lock:
             self._pre = pre
+            if tuple(edge.labels) != tuple(self._labels):
+                self._labels = edge.labels
+                self._cloud.relabel(self._labels, self._snap.states)
+            self._release_cal = getattr(edge.manifest, "calibration", None) if release else None
             self._edge, self._edge_error, self._edge_version = edge, None, edge.version
+            self._snap = self._snapshot(self._snap.policy, {s.key: s for s in self._snap.states})
 
     def rollback_edge(self) -> str:
         """Go back to the previous edge model version now; returns the version that answers."""
@@ -249,12 +261,25 @@ class Router:
     def _apply(self, policy: RoutingPolicy, source: str) -> RoutingPolicy:
         with self._lock:
             policy = guard_privacy(self._snap.policy, policy, self._pinned_privacy, source)
-            if policy.edge != self._snap.policy.edge:
+            old = self._snap.policy
+            self._snap = replace(self._snap, policy=policy)  # what _swap_edge reads (max_pixels)
+            if policy.edge != old.edge:
                 edge, err = self._load_edge(policy, None, self._policy_path)
                 if edge is None:
+                    self._snap = replace(self._snap, policy=old)
                     raise ConfigError(f"edge: {err}")
-                self._edge, self._edge_error = edge, None
-                self._edge_version, self._pre = edge.version, edge.preprocess_config
+                active = self._updater.active if self._updater is not None else None
+                if active is not None:  # a validated release stays: only updates.pin or a rollback replace it
+                    self._updater.set_base(edge)
+                    log.warning("%s changed edge: the installed release %s keeps answering; %s %s is now what a "
+                                "rollback returns to (set updates.pin, or call rollback_edge())", source, active,
+                                edge.name, edge.version)
+                else:
+                    if self._updater is not None:
+                        self._updater.set_base(edge)
+                    self._swap_edge(edge, release=False)
+            if self._updater is not None and policy.updates.pin != old.updates.pin:
+                self._updater.wake()  # a new pin is taken at once, not at the next interval
             self._snap = self._snapshot(policy, {s.key: s for s in self._snap.states})
             if not policy.privacy_mode:
                 self._cloud.prepare(policy.cloud)
@@ -327,7 +352,7 @@ class Router:
 
     # ------------------------------------------------------------------ local work (no I/O)
 
-    def _local(self, work: LocalWork) -> LocalResult:
+    def _local(self, work: LocalWork, labels: tuple[str, ...] | None = None) -> LocalResult:
         cfg = self._pre
         n = len(work.images)
         image = work.images[0]
@@ -336,7 +361,7 @@ class Router:
             # Declared model input (the hot path of an app that preprocesses itself): check and go.
             if not np.isfinite(image).all():
                 raise InvalidInput("array contains NaN or infinite values")
-            return self._run_edge(work, image[None], None)
+            return self._run_edge(work, image[None], None, labels)
         tensor = cfg.codec == "tensor"  # a model whose app encodes its input: no pixels, no decoding
         x = np.empty((n, *cfg.sample_shape), dtype=cfg.np_dtype) if not tensor else None
         pixels: np.ndarray | None = None if tensor else np.empty((n, *cfg.pixel_shape), dtype=np.uint8)
@@ -362,16 +387,22 @@ class Router:
             raise InvalidInput(f"{where}{exc}") from exc
         except EdgeModelError as exc:  # not the input's fault (e.g. the decode budget is busy)
             raise EdgeError(f"preprocessing failed: {exc}") from exc
-        return self._run_edge(work, x, pixels)
+        return self._run_edge(work, x, pixels, labels)
 
-    def _run_edge(self, work: LocalWork, x: np.ndarray, pixels: np.ndarray | None) -> LocalResult:
+    def _run_edge(self, work: LocalWork, x: np.ndarray, pixels: np.ndarray | None,
+                  labels: tuple[str, ...] | None = None) -> LocalResult:
         if not work.run_edge:
             return LocalResult(x, pixels)
-        if self._edge is None:
+        edge = self._edge
+        if edge is None:
             return LocalResult(x, pixels, edge_error=self._edge_error)
+        if labels is not None and edge.labels is not labels and tuple(edge.labels) != tuple(labels):
+            # Swapped to a model with other labels after this request began: its class indices
+            # would be read under the old names.
+            return LocalResult(x, pixels, edge_error=EdgeError("the edge model changed labels during this request"))
         t0 = time.perf_counter()
         try:
-            probs = self._edge.predict_proba(x, validate=False)  # x came out of the preprocessing
+            probs = edge.predict_proba(x, validate=False)  # x came out of the preprocessing
         except EdgeModelError as exc:
             return LocalResult(x, pixels, edge_error=EdgeError(f"edge inference failed: {exc}"), edge_s=time.perf_counter() - t0)
         return LocalResult(x, pixels, probs, edge_s=time.perf_counter() - t0)
@@ -414,7 +445,7 @@ class Router:
             while True:
                 kind = type(effect)
                 if kind is LocalWork:
-                    result = local = self._local(effect)
+                    result = local = self._local(effect, req.labels)
                 elif kind is CloudCall:
                     attempts += 1
                     result = self._cloud_sync(effect)
@@ -517,7 +548,8 @@ class Router:
                     gen.close()
                     return None
                 if kind is LocalWork:
-                    result = local = await loop.run_in_executor(self._local_executor(), self._local, effect)
+                    result = local = await loop.run_in_executor(self._local_executor(), self._local, effect,
+                                                                req.labels)
                 elif kind is CloudCall:
                     attempts += 1
                     self._start_probe()

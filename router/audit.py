@@ -238,8 +238,14 @@ class FieldMonitor:
     # ------------------------------------------------------------------ drift alarm
 
     def expected_escalation(self, policy) -> Optional[float]:
+        """The band's centre: the policy's ``drift.expected_escalation``, else the calibration of
+        the release answering now (when its calibration is in force: ``updates.calibration:
+        release``), else the edge manifest's ``metrics.expected_escalation`` (older manifests)."""
         if policy.drift.expected_escalation is not None:
             return policy.drift.expected_escalation
+        cal = getattr(self._router, "_release_cal", None)
+        if cal is not None and cal.expected_escalation is not None and policy.updates.calibration == "release":
+            return cal.expected_escalation
         edge = self._router.edge_model
         metrics = getattr(getattr(edge, "manifest", None), "metrics", None) or {}
         value = metrics.get("expected_escalation")

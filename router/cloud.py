@@ -422,6 +422,18 @@ class CloudClient:
             weakref.WeakKeyDictionary()
         self.prepare(settings)
 
+    def relabel(self, labels, states) -> None:
+        """The edge now has ``labels`` (a hot-swapped release): answers are checked against them and
+        each endpoint's published labels are compared again; a mismatch makes it incompatible
+        (named in the error), a match makes it usable again."""
+        self.labels = tuple(labels)
+        self.classes = len(self.labels)
+        for state in states:
+            info = state.meta
+            if info is not None:
+                refusal = check_labels(info, state.endpoint, self.labels)
+                state.meta = ModelInfo(**{**info.__dict__, "incompatible": None if refusal is None else str(refusal)})
+
     def prepare(self, settings: CloudSettings) -> None:
         """Adopt (new) settings. Building a verifying SSL context loads a CA bundle -- hundreds of
         milliseconds on a busy machine -- so it happens here, off every request's path, for each

@@ -196,6 +196,9 @@ class UpdateSettings(_Strict):
     device_id: Optional[str] = Field(None, description="cohort key for staged rollout; default: an id generated "
                                                        "once and kept in the updater folder")
     ca_bundle: Optional[str] = Field(None, description="PEM file of the CAs trusted for an https channel")
+    calibration: Literal["release", "policy"] = Field(
+        "release", description="release: a release's manifest calibration (threshold, expected escalation) "
+                               "replaces the policy's while it answers; policy: the policy's thresholds always")
 
     @model_validator(mode="after")
     def _complete(self) -> "UpdateSettings":

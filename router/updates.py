@@ -13,8 +13,16 @@ never runs under privacy mode (no import of the network stack, no socket):
   admits this device (``stable_hash(device_id, version) < rollout``; raising the share of a
   release keeps every device already in its cohort);
 * a fresh :class:`~edge_model.runtime.OnnxClassifier` per release, validated before it answers
-  (labels equal to the current model's, same input spec, a warm-up run, the golden set shipped
-  with the release) and swapped in between requests by the router;
+  (same input spec, labels the policy's ``class_thresholds`` can name, a warm-up run, the golden
+  set shipped with the release) and swapped in between requests by the router. A release brings
+  its own labels: when they differ from the current model's, the router answers with the new
+  names and compares every cloud endpoint's published labels again (one that no longer matches
+  becomes ``incompatible``). A release brings its calibration too: its manifest's
+  ``calibration.threshold`` replaces the policy's thresholds while it answers, and its
+  ``expected_escalation`` centres the drift band (a stronger model calibrated to the same
+  escalation has another threshold), unless the policy says ``updates.calibration: policy``;
+* an installed release stays when a policy reload changes ``edge:`` (the new model becomes what a
+  rollback returns to): only ``updates.pin`` or a rollback replaces it;
 * the last ``keep_versions`` versions kept on disk, rollback to the previous one (automatic when
   a release fails to load or validate -- the current model never stops answering -- or manual
   with ``Router.rollback_edge()``), and typed errors for every refusal.
@@ -36,6 +44,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -94,7 +103,7 @@ class ReleaseRejected(UpdateError):
 
 
 class LabelMismatch(ReleaseRejected):
-    pass
+    """The release's labels cannot serve this device's policy (a ``class_thresholds`` key it lacks)."""
 
 
 class GoldenSetMismatch(ReleaseRejected):
@@ -227,13 +236,13 @@ def _translate(exc: BaseException, stage: str, version: str | None, budget_exc: 
 class EdgeUpdater:
     """Checks the channel, installs and validates releases, rolls back. See the module docstring.
 
-    ``current()`` returns the model answering now (or None); ``install(model)`` swaps one in (the
-    router's ``_swap_edge``); ``policy()`` returns the router's current policy (privacy and pin
+    ``current()`` returns the model answering now (or None); ``install(model, release=True)`` swaps
+    one in (the router's ``_swap_edge``; ``release=False`` for ``base``); ``policy()`` returns the router's current policy (privacy and pin
     are read at every check). ``base`` is the model the router started with: the last resort of
     a rollback."""
 
     def __init__(self, settings: UpdateSettings, *, root: Path, directory: Path, labels: tuple[str, ...],
-                 current: Callable[[], Optional[OnnxClassifier]], install: Callable[[OnnxClassifier], None],
+                 current: Callable[[], Optional[OnnxClassifier]], install: Callable[..., None],
                  policy: Callable[[], RoutingPolicy], base: OnnxClassifier | None = None,
                  session_options: SessionOptions = SessionOptions()) -> None:
         self.settings = settings
@@ -252,6 +261,9 @@ class EdgeUpdater:
         self.last_result: str | None = None
         self.last_error: UpdateError | None = None
         self.last_delta: str | None = None
+        # Each install's timings: channel read with the new version chosen ("seen") -> downloaded ->
+        # loaded and validated -> swapped in (monotonic seconds), newest last.
+        self.updates: deque[dict[str, Any]] = deque(maxlen=32)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device_id = settings.device_id or self._device_id()
         self._state = self._read_state()
@@ -280,6 +292,15 @@ class EdgeUpdater:
 
     def _model_dir(self, version: str) -> Path:
         return self.dir / "models" / version
+
+    @property
+    def active(self) -> str | None:
+        """The release from the channel that answers now (None: the model the router started with)."""
+        return self._state["active"]
+
+    def set_base(self, model: OnnxClassifier) -> None:
+        """The model a rollback past every release returns to (a policy reload that changed ``edge:``)."""
+        self._base = model
 
     def on_disk(self) -> list[str]:
         models = self.dir / "models"
@@ -409,8 +430,11 @@ class EdgeUpdater:
                 if version in self._state["refused"] and pin is None:
                     return f"current:{current.version if current else None}"
                 entry = channel["releases"][version]
+                timing = {"version": version, "from": current.version if current else None,
+                          "seen": time.monotonic()}
                 if version not in self.on_disk():
                     self._download(updater, entry, version, staging, fetcher, budget_exc)
+                timing["downloaded"] = time.monotonic()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if self._stop.is_set():
@@ -421,7 +445,10 @@ class EdgeUpdater:
             self._refuse(version, exc)
             shutil.rmtree(self._model_dir(version), ignore_errors=True)
             raise
+        timing["validated"] = time.monotonic()
         self._activate(version, model)
+        timing["swapped"] = time.monotonic()
+        self.updates.append(timing)
         self._prune()
         return f"updated:{version}"
 
@@ -515,16 +542,17 @@ class EdgeUpdater:
             raise ReleaseRejected(f"release {version}: the model does not load: {exc}", version=version) from exc
         if model.version != version:
             raise ReleaseRejected(f"release {version}: its manifest says version {model.version}", version=version)
-        if tuple(model.labels) != self.labels:
-            raise LabelMismatch(f"release {version}: labels {list(model.labels)} differ from the current model's "
-                                f"{list(self.labels)}", version=version)
+        try:  # a release brings its own labels, but the policy's per-class thresholds must name them
+            self._policy().thresholds_for(tuple(model.labels))
+        except ConfigError as exc:
+            raise LabelMismatch(f"release {version}: its labels do not fit the policy: {exc}", version=version) from None
         current = self._current()
         if current is not None and _input_spec(model) != _input_spec(current):
             raise ReleaseRejected(f"release {version}: input spec {_input_spec(model)} differs from the current "
                                   f"model's {_input_spec(current)}; that change needs an app update", version=version)
-        h, w = model.input_shape
+        cfg = model.preprocess_config
         try:
-            probs = model.predict_proba(np.zeros((2, 1, h, w), dtype=np.float32))
+            probs = model.predict_proba(np.zeros((2, *cfg.sample_shape), dtype=cfg.np_dtype))
         except EdgeModelError as exc:
             raise ReleaseRejected(f"release {version}: warm-up run failed: {exc}", version=version) from exc
         if not np.isfinite(probs).all() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
@@ -536,13 +564,13 @@ class EdgeUpdater:
 
     @staticmethod
     def _check_golden(model: OnnxClassifier, path: Path, version: str, floor: float) -> None:
+        cfg = model.preprocess_config
         try:
             with np.load(path, allow_pickle=False) as data:
-                x, labels = data["x"].astype(np.float32), data["labels"]
+                x, labels = data["x"].astype(cfg.np_dtype), data["labels"]
         except (OSError, ValueError, KeyError) as exc:
             raise GoldenSetMismatch(f"release {version}: unreadable golden set: {exc}", version=version) from exc
-        h, w = model.input_shape
-        if x.ndim != 4 or x.shape[1:] != (1, h, w) or labels.shape != (x.shape[0],) or x.shape[0] == 0:
+        if x.shape[1:] != tuple(cfg.sample_shape) or labels.shape != (x.shape[0],) or x.shape[0] == 0:
             raise GoldenSetMismatch(f"release {version}: golden set shapes {x.shape} / {labels.shape} do not fit the "
                                     "model", version=version)
         agreement = float((model.predict_proba(x).argmax(axis=1) == labels).mean())
@@ -597,8 +625,8 @@ class EdgeUpdater:
                 self._activate(version, model)
                 return version
             if self._base is None:
-                raise NothingToRollBack(f"rollback_edge: no earlier version on disk and no bundled model to go back to")
-            self._install(self._base)
+                raise NothingToRollBack("rollback_edge: no earlier version on disk and no bundled model to go back to")
+            self._install(self._base, release=False)
             st["refused"][active] = "rolled back by the operator"
             st["active"] = None
             self._save_state()
@@ -610,7 +638,15 @@ class EdgeUpdater:
         return {"active": self._state["active"], "answering": cur.version if cur else None,
                 "device_id": self.device_id, "checks": self.checks, "last_result": self.last_result,
                 "last_error": None if self.last_error is None else f"{type(self.last_error).__name__}: {self.last_error}",
-                "refused": dict(self._state["refused"]), "on_disk": self.on_disk(), "last_delta": self.last_delta}
+                "refused": dict(self._state["refused"]), "on_disk": self.on_disk(), "last_delta": self.last_delta,
+                "last_update": _timing(self.updates[-1]) if self.updates else None}
+
+
+def _timing(t: dict) -> dict:
+    """One install's timings in milliseconds from the moment the check saw the new version."""
+    seen = t["seen"]
+    return {"version": t["version"], "from": t["from"],
+            **{f"{k}_ms": round((t[k] - seen) * 1000.0, 1) for k in ("downloaded", "validated", "swapped")}}
 
 
 def _input_spec(model: OnnxClassifier) -> dict:

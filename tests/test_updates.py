@@ -124,15 +124,15 @@ def channel(tmp_path, golden):
     ch.server.close()
 
 
-def policy_for(ch: Channel, tmp: Path, *, url: str | None = None, **updates):
-    return parse_policy({"mode": "edge_only", "updates": {
+def policy_for(ch: Channel, tmp: Path, *, url: str | None = None, extra: dict | None = None, **updates):
+    return parse_policy({"mode": "edge_only", **(extra or {}), "updates": {
         "enabled": True, "url": url or ch.server.url, "root": str(ch.repo.trust_anchor), "dir": str(tmp / "device"),
         "check_interval_s": 3600, **updates}})
 
 
 @contextmanager
-def router_on(ch: Channel, tmp: Path, **kw):
-    r = Router(policy_for(ch, tmp, **kw))
+def router_on(ch: Channel, tmp: Path, *, extra: dict | None = None, **kw):
+    r = Router(policy_for(ch, tmp, extra=extra, **kw))
     try:
         wait_for(lambda: r.updater.checks >= 1 and not r.updater._cycle_lock.locked(), what="the first check")
         yield r
@@ -216,8 +216,9 @@ def _replayed(ch: Channel, r: Router):
 
 
 def _labels(ch: Channel):
+    # A release brings its own labels, but this one drops "Shirt", which the policy's class_thresholds name.
     labels = json.loads((ARTIFACTS_DIR / "edge-fp32.json").read_text())["labels"]
-    ch.publish("3.0.0", manifest={"labels": labels[::-1]})
+    ch.publish("3.0.0", manifest={"labels": [x if x != "Shirt" else "Top" for x in labels]})
 
 
 def _golden(ch: Channel):
@@ -240,7 +241,7 @@ def test_a_bad_release_is_refused_with_a_typed_error_and_the_current_model_keeps
                                                                                            images):
     make_bad, error, stays = REFUSALS[case]
     channel.publish("2.0.0")
-    with router_on(channel, tmp_path) as r:
+    with router_on(channel, tmp_path, extra={"class_thresholds": {"Shirt": 0.9}}) as r:
         assert version_of(r) == "2.0.0"
         if case == "replayed_older_release":
             make_bad(channel, r)
@@ -529,3 +530,97 @@ def test_privacy_mode_with_the_updater_configured_opens_no_socket(channel, tmp_p
     # The same harness without privacy sees the updater's sockets, or the assertion above proves nothing.
     result = _privacy_run({"mode": "edge_only", "updates": updates}, check=True)
     assert "socket.connect" in result["events"] and result["outcome"] in ("updated:2.0.0", "current:2.0.0")
+
+
+# ---------------------------------------------------------------------- a release brings its labels and calibration
+
+
+def _unsure_rate(r: Router, images) -> float:
+    """Share of edge answers under the threshold in force (field stats of the answering version)."""
+    version = version_of(r)
+    before = r.stats()["field"]["versions"].get(version, {})
+    n0 = before.get("requests", 0)
+    u0 = (before.get("unsure_rate") or 0.0) * n0
+    for img in images:
+        r.predict(img)
+    after = r.stats()["field"]["versions"][version]
+    return (after["unsure_rate"] * after["requests"] - u0) / (after["requests"] - n0)
+
+
+def test_a_release_brings_its_calibration_unless_the_policy_pins_thresholds(channel, tmp_path, images):
+    # The policy's threshold (0.9999) leaves almost every answer unsure; the release's (0.0) none.
+    channel.publish("2.0.0", manifest={"calibration": {"threshold": 0.0, "expected_escalation": 0.0,
+                                                       "split": "validation"}})
+    extra = {"confidence_threshold": 0.9999, "decision_log": False}
+    with router_on(channel, tmp_path, extra=extra) as r:
+        assert version_of(r) == "2.0.0"
+        assert _unsure_rate(r, images[:40]) == 0.0
+        assert r.stats()["field"]["expected_escalation"] == 0.0  # the drift band is the release's
+        assert r.rollback_edge() == BUNDLED  # the bundled model: the policy's threshold again
+        assert _unsure_rate(r, images[:40]) > 0.5 and r.stats()["field"]["expected_escalation"] is None
+    shutil.rmtree(tmp_path / "device")
+    with router_on(channel, tmp_path, extra=extra, calibration="policy") as r:
+        assert version_of(r) == "2.0.0"
+        assert _unsure_rate(r, images[:40]) > 0.5  # pinned: the policy's threshold, and no band from the release
+        assert r.stats()["field"]["expected_escalation"] is None
+
+
+def test_a_policy_reload_that_changes_edge_keeps_the_installed_release(channel, tmp_path, images, caplog):
+    channel.publish("2.0.0")
+    channel.publish("3.0.0", rollout=0.0)  # reachable by pin only
+    path = tmp_path / "policy.yaml"
+
+    def write(edge_manifest: str, pin: str | None = None):
+        updates = {"enabled": True, "url": channel.server.url, "root": str(channel.repo.trust_anchor),
+                   "dir": str(tmp_path / "device"), "check_interval_s": 3600, "pin": pin}
+        path.write_text(json.dumps({"mode": "edge_only", "reload_check_interval_s": 0, "decision_log": False,
+                                    "edge": {"manifest": edge_manifest}, "updates": updates}))
+
+    write(str(ARTIFACTS_DIR / "edge-int8.json"))
+    r = Router(policy_path=path)
+    try:
+        wait_for(lambda: version_of(r) == "2.0.0", what="the release")
+        write(str(ARTIFACTS_DIR / "edge-fp32.json"))
+        with caplog.at_level("WARNING", logger="router"):
+            r.reload_policy()
+        assert version_of(r) == "2.0.0" and r.predict(images[0]).model_version == "2.0.0"
+        assert any("the installed release 2.0.0 keeps answering" in rec.getMessage() for rec in caplog.records)
+        # The policy's new model is what a rollback returns to.
+        assert r.rollback_edge() == BUNDLED and r.edge_model.manifest.precision == "fp32"
+        write(str(ARTIFACTS_DIR / "edge-fp32.json"), pin="3.0.0")  # a pin replaces it, at once
+        r.reload_policy()
+        wait_for(lambda: version_of(r) == "3.0.0", what="the pinned release")
+    finally:
+        r.close()
+
+
+@pytest.mark.slow
+def test_a_release_with_other_labels_answers_with_them_and_rechecks_the_real_service(channel, tmp_path, images):
+    from tests.support.cloud import running_service
+
+    labels = json.loads((ARTIFACTS_DIR / "edge-fp32.json").read_text())["labels"]
+    renamed = [f"class-{i}" for i in range(len(labels))]
+    with running_service() as svc:
+        pol = parse_policy({
+            "mode": "prefer_edge", "default_deadline_ms": 5000, "decision_log": False,
+            "cloud": {"endpoints": [{"url": svc.url, "name": "svc"}], "per_try_timeout_ms": 5000},
+            "updates": {"enabled": True, "url": channel.server.url, "root": str(channel.repo.trust_anchor),
+                        "dir": str(tmp_path / "device"), "check_interval_s": 3600}})
+        with Router(pol) as r:
+            wait_for(lambda: r.updater.checks >= 1 and not r.updater._cycle_lock.locked(), what="the first check")
+            assert r.connect() == {"svc": "ok"}
+            p = r.predict(images[0], threshold=1.0)  # escalated: the service answers under the shared names
+            assert p.source == "cloud" and p.label in labels
+            channel.publish("2.0.0", manifest={"labels": renamed})
+            assert r.updater.check_now() == "updated:2.0.0"
+            p = r.predict(images[0])
+            assert p.source == "edge" and p.label in renamed and p.model_version == "2.0.0"
+            p = r.predict(images[0], threshold=1.0)  # the service's labels no longer match: never asked
+            assert p.source == "edge" and p.fallback and p.label in renamed
+            assert p.cloud_failure.category == "incompatible" and p.cloud_failure.endpoint == "svc"
+            assert "svc" in p.cloud_failure.message and "class-0" in p.cloud_failure.message
+            assert "T-shirt/top" in p.cloud_failure.message and "\n" not in p.cloud_failure.message
+            channel.publish("3.0.0")  # the shared labels again: the endpoint is usable again
+            assert r.updater.check_now() == "updated:3.0.0"
+            p = r.predict(images[0], threshold=1.0)
+            assert p.source == "cloud" and p.label in labels and not p.fallback
