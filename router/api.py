@@ -65,6 +65,7 @@ _FIRST_REQUEST_MODULES = (
     "sniffio", "anyio.abc", "anyio.lowlevel", "anyio.to_thread", "anyio.streams.memory", "anyio.streams.stapled",
     "anyio.streams.tls", "anyio._core._sockets", "anyio._core._synchronization", "anyio._core._tasks",
     "anyio._backends._asyncio", "httpcore._async.connection_pool", "httpcore._async.http11", "httpcore._backends.anyio",
+    "httpcore._sync.connection_pool", "httpcore._sync.http11", "httpcore._backends.sync",  # sync predict's path
 )
 
 
@@ -204,6 +205,8 @@ class Router:
             except ImportError:  # another anyio/httpcore layout: that request pays, nothing breaks
                 pass
         httpx.AsyncClient(trust_env=False, verify=False)  # first construction builds httpcore's pool types
+        for ep in policy.cloud.endpoints:  # sync predict's connection pools (no socket until a request)
+            self._cloud.warm_sync(ep)
         ex = self._local_executor()
         for f in [ex.submit(time.sleep, 0) for _ in range(_EDGE_WORKERS)]:  # spawn the workers now
             f.result()
@@ -474,6 +477,13 @@ class Router:
         self._field.observe(req, outcome.predictions, local)
 
     def _cloud_sync(self, call: CloudCall):
+        if self._cloud.can_run_sync(call):
+            # In this thread (no event loop, no hop): every socket operation is cut to the
+            # attempt's absolute end, so the attempt returns by then whatever the server does.
+            self._start_probe()
+            if self._closed:
+                raise RouterError("this router is closed")
+            return self._cloud.infer_sync(call)
         io = self._start_io()
         fut = io.submit(self._cloud.infer(_late(call)))
         try:
@@ -685,6 +695,7 @@ class Router:
         self._field.close()  # its tasks on the I/O loop end before the loop does
         if io is not None:
             io.close(self._cloud.aclose())
+        self._cloud.close_sync()
         if ex is not None:
             ex.shutdown(wait=False, cancel_futures=True)
 

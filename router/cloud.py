@@ -40,7 +40,9 @@ import functools
 import json
 import logging
 import os
+import socket
 import ssl
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -284,13 +286,14 @@ def translate(exc: BaseException, endpoint: Endpoint) -> CloudError:
     label = endpoint.label
     if isinstance(exc, CloudError):
         return exc
-    if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
+    httpcore = _httpcore()
+    if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException, httpcore.TimeoutException, socket.timeout)):
         return CloudTimeout(f"{label}: timed out ({type(exc).__name__})", endpoint=label)
     tls = _tls_cause(exc)
     if tls is not None:
         return CloudTLSError(f"{label}: TLS handshake failed: {tls}", endpoint=label)
     if isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
-                        httpx.CloseError, OSError)):
+                        httpx.CloseError, httpcore.NetworkError, httpcore.ProtocolError, OSError)):
         return CloudUnavailable(f"{label}: {type(exc).__name__}: {exc or 'connection failed'}", endpoint=label)
     if isinstance(exc, httpx.HTTPError):
         return CloudUnavailable(f"{label}: {type(exc).__name__}: {exc}", endpoint=label)
@@ -360,6 +363,8 @@ def _preload_async_stack() -> None:
     block the caller's event loop. Importing opens nothing; it just moves that cost here."""
     import anyio  # noqa: F401
     import h11  # noqa: F401
+    import httpcore._backends.sync  # noqa: F401 -- sync predict's attempts (_DeadlineBackend)
+    import httpcore._sync.connection_pool  # noqa: F401
     import httpcore._async.connection_pool  # noqa: F401
     import httpcore._backends.anyio  # noqa: F401
 
@@ -405,6 +410,86 @@ def _trust_nothing() -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
+
+# ----------------------------------------------------------------------------- sync I/O
+
+_deadline = threading.local()  # .at: the running attempt's absolute end (time.monotonic) in this thread
+
+
+def _httpcore():
+    import httpcore  # loaded by CloudClient.prepare with any endpoint (a lookup here)
+
+    return httpcore
+
+
+def _left(timeout: Optional[float]) -> float:
+    """A socket operation's timeout cut to what is left of this thread's attempt; at or past the
+    end, the operation is not started."""
+    left = getattr(_deadline, "at", float("inf")) - time.monotonic()
+    if left <= 0.0:
+        raise socket.timeout("attempt deadline reached")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """httpcore's sync stream with every read, write and TLS step bounded by the attempt's
+    absolute end. httpcore's own timeouts are per socket operation (a server dripping bytes can
+    keep a request alive for ever); clamping each operation to the end bounds the whole
+    exchange. The stream may be pooled and reused by another thread: the end is per thread.
+    (httpcore's NetworkStream interface, duck-typed: httpcore is imported only with endpoints.)"""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        try:
+            return self._inner.read(max_bytes, _left(timeout))
+        except socket.timeout as exc:  # _left's: the same exception httpcore maps a socket timeout to
+            raise _httpcore().ReadTimeout(exc) from exc
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        try:
+            return self._inner.write(buffer, _left(timeout))
+        except socket.timeout as exc:
+            raise _httpcore().WriteTimeout(exc) from exc
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: Optional[str] = None,
+                  timeout: Optional[float] = None) -> "_DeadlineStream":
+        try:
+            return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, _left(timeout)))
+        except socket.timeout as exc:
+            raise _httpcore().ConnectTimeout(exc) from exc
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """httpcore's sync socket backend, its streams wrapped in :class:`_DeadlineStream`."""
+
+    def __init__(self) -> None:
+        from httpcore._backends.sync import SyncBackend  # httpcore's default for ConnectionPool
+
+        self._inner = SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None, local_address: Optional[str] = None,
+                    socket_options=None) -> _DeadlineStream:
+        try:
+            return _DeadlineStream(self._inner.connect_tcp(host, port, _left(timeout), local_address, socket_options))
+        except socket.timeout as exc:
+            raise _httpcore().ConnectTimeout(exc) from exc
+
+    def connect_unix_socket(self, path: str, timeout: Optional[float] = None, socket_options=None):
+        raise _httpcore().ConnectError("unix sockets are not used by the router")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 class CloudClient:
     """Async v2 client over all endpoints of a policy. Pooled ``httpx.AsyncClient`` s per event
     loop (the router's own I/O thread, and any loop that calls ``apredict``) and per trust key.
@@ -420,6 +505,9 @@ class CloudClient:
         self._contexts: dict[tuple, ssl.SSLContext] = {}
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]]" = \
             weakref.WeakKeyDictionary()
+        # Sync predict's attempts run in the caller's thread over these (httpcore pools, thread-safe).
+        self._pools: dict = {}  # trust key -> httpcore.ConnectionPool
+        self._pools_lock = threading.Lock()
         self.prepare(settings)
 
     def relabel(self, labels, states) -> None:
@@ -463,12 +551,7 @@ class CloudClient:
         if per_loop is None:
             per_loop = self._clients[loop] = {}
         s = self.settings
-        https = ep.url.startswith("https://")
-        stamp = _ca_stamp(ep.ca_bundle) if https and ep.ca_bundle else ()
-        # Everything that decides whom this client trusts or how it connects; the host too, so a
-        # client built for one endpoint never carries another's requests.
-        key = (ep.url.split("/", 3)[2], https, https and ep.tls_verify, ep.ca_bundle if https else None, stamp,
-               s.connect_timeout_ms, s.per_try_timeout_ms, s.max_connections)
+        key, https, stamp = self._trust_key(ep)
         client = per_loop.get(key)
         if client is None or client.is_closed:
             verify = self._context(ep.tls_verify, ep.ca_bundle, stamp) if https else _trust_nothing()
@@ -483,9 +566,117 @@ class CloudClient:
             per_loop[key] = client
         return client
 
+    def _trust_key(self, ep: Endpoint) -> tuple[tuple, bool, tuple]:
+        """Everything that decides whom a pooled client trusts or how it connects; the host too,
+        so a client built for one endpoint never carries another's requests."""
+        s = self.settings
+        https = ep.url.startswith("https://")
+        stamp = _ca_stamp(ep.ca_bundle) if https and ep.ca_bundle else ()
+        key = (ep.url.split("/", 3)[2], https, https and ep.tls_verify, ep.ca_bundle if https else None, stamp,
+               s.connect_timeout_ms, s.per_try_timeout_ms, s.max_connections)
+        return key, https, stamp
+
     @staticmethod
     def _headers(endpoint: Endpoint) -> dict[str, str]:
         return request_headers(endpoint)
+
+    # ------------------------------------------------------------------ sync attempts
+
+    def can_run_sync(self, call: CloudCall) -> bool:
+        """Whether :meth:`infer_sync` runs this attempt: not with an injected (async) transport,
+        nor when the rows must be split into concurrent requests (the async client does that)."""
+        size = call.state.endpoint.max_batch_size
+        return self._transport is None and not (size and len(call.x) > size)
+
+    def warm_sync(self, ep: Endpoint) -> None:
+        """Build ``ep``'s sync pool now (no socket is opened), off the first request's deadline."""
+        if self._transport is None:
+            self._pool(ep)
+
+    def _pool(self, ep: Endpoint):
+        key, https, stamp = self._trust_key(ep)
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._pools_lock:
+                pool = self._pools.get(key)
+                if pool is None:
+                    s = self.settings
+                    pool = self._pools[key] = _httpcore().ConnectionPool(
+                        ssl_context=self._context(ep.tls_verify, ep.ca_bundle, stamp) if https else _trust_nothing(),
+                        max_connections=s.max_connections, max_keepalive_connections=s.max_connections,
+                        network_backend=_DeadlineBackend(),
+                    )
+        return pool
+
+    def _exchange_sync(self, ep: Endpoint, method: str, url: str, cap: int, timeout_s: float,
+                       content: Optional[bytes] = None) -> tuple[int, httpx.Headers | list, bytes]:
+        """:meth:`_exchange` in the caller's thread. Every socket operation is cut to the attempt's
+        absolute end (set by the caller in ``_deadline.at``); waiting for a pooled connection too."""
+        connect = min(self.settings.connect_timeout_ms / 1000.0, timeout_s)
+        timeouts = {"connect": connect, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
+        headers = [(k.encode(), v.encode()) for k, v in request_headers(ep).items()]
+        with self._pool(ep).stream(method, url, headers=headers, content=content,
+                                   extensions={"timeout": timeouts}) as r:
+            ok = r.status == 200
+            limit = cap if ok else min(cap, ERROR_BODY_CAP)
+            declared = next((v for k, v in r.headers if k.lower() == b"content-length"), None)
+            if ok and declared is not None and declared.isdigit() and int(declared) > limit:
+                raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
+                                         "(max_response_bytes)", endpoint=ep.label)
+            buf = bytearray()
+            for chunk in r.iter_stream():
+                buf += chunk
+                if len(buf) > limit:
+                    break
+        if len(buf) > limit:
+            if ok:
+                raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap (max_response_bytes)",
+                                         endpoint=ep.label)
+            del buf[limit:]
+        return r.status, r.headers, bytes(buf)
+
+    def _fetch_metadata_sync(self, state: EndpointState, timeout_s: float) -> ModelInfo:
+        ep = state.endpoint
+        try:
+            status, headers, content = self._exchange_sync(
+                ep, "GET", ep.url + model_path(ep.model, ep.version), max(METADATA_CAP, ep.max_response_bytes or 0),
+                timeout_s)
+        except Exception as exc:  # noqa: BLE001 -- translated right here
+            raise translate(exc, ep) from exc
+        return self._take_metadata(state, ep, status, headers, content)
+
+    def infer_sync(self, call: CloudCall) -> CloudReply | CloudError:
+        """:meth:`infer` in the caller's thread, for sync ``predict``: no event loop, no thread hop.
+        The attempt ends at ``call``'s absolute deadline whatever the server does: each socket
+        operation (connect, TLS, write, read, waiting for a pooled connection) is bounded by what
+        is left (see :class:`_DeadlineStream`). Only for calls :meth:`can_run_sync` accepts."""
+        ep = call.state.endpoint
+        t0 = time.monotonic()
+        timeout_s = call.remaining_s()
+        outer = getattr(_deadline, "at", float("inf"))
+        _deadline.at = t0 + timeout_s
+        try:
+            info = call.state.meta or self._fetch_metadata_sync(call.state, timeout_s)
+            if info.incompatible:  # known from the first contact: no request is sent
+                raise CloudIncompatible(info.incompatible, endpoint=ep.label)
+            t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
+            body = build_infer_body(info, ep, call.x, call.pixels, call.budget_s, call.request_id)
+            status, headers, content = self._exchange_sync(
+                ep, "POST", ep.url + model_path(ep.model, ep.version) + "/infer",
+                response_cap(ep, len(call.x), self.classes), max(0.0, _deadline.at - t_post), content=body)
+            if status != 200:
+                raise error_from_status(status, httpx.Headers(headers), content, ep)
+            probs, version = parse_infer_response(content, ep, len(call.x), self.classes)
+            return CloudReply(probs, version or (info.versions[0] if info.versions else ep.version or ""),
+                              time.monotonic() - t_post, len(body))
+        except CloudError as exc:
+            err = exc
+        except Exception as exc:  # noqa: BLE001 -- httpcore, OSError, timeouts: translated here
+            err = translate(exc, ep)
+        finally:
+            _deadline.at = outer
+        err.elapsed_s = time.monotonic() - t0
+        return err
 
     async def _exchange(self, ep: Endpoint, method: str, url: str, cap: int, timeout_s: float,
                         **kwargs) -> tuple[int, httpx.Headers, bytes]:
@@ -523,8 +714,11 @@ class CloudClient:
                     timeout_s)
         except Exception as exc:  # noqa: BLE001 -- translated right here
             raise translate(exc, ep) from exc
+        return self._take_metadata(state, ep, status, headers, content)
+
+    def _take_metadata(self, state: EndpointState, ep: Endpoint, status: int, headers, content: bytes) -> ModelInfo:
         if status != 200:
-            raise error_from_status(status, headers, content, ep)
+            raise error_from_status(status, httpx.Headers(headers), content, ep)
         info = parse_metadata(content, ep)
         refusal = check_labels(info, ep, self.labels)
         if refusal is not None:
@@ -595,3 +789,14 @@ class CloudClient:
                 except RuntimeError:  # a client bound to another, closed loop
                     pass
         self._clients.clear()
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Close the sync attempts' connection pools (a later attempt builds a new one)."""
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            try:
+                pool.close()
+            except Exception:  # noqa: BLE001 -- best effort at shutdown
+                pass

@@ -18,8 +18,6 @@ from collections import deque
 from enum import Enum
 from typing import Callable
 
-import numpy as np
-
 from router.policy import BreakerSettings
 
 Clock = Callable[[], float]
@@ -153,7 +151,7 @@ class LatencyEstimator:
             while self._samples and now - self._samples[0][0] > self._max_age:
                 self._samples.popleft()
             if self._samples:
-                self._cached = float(np.quantile(np.fromiter((v for _, v in self._samples), float), self._q))
+                self._cached = _quantile(sorted(v for _, v in self._samples), self._q)
                 self._valid_until = self._samples[0][0] + self._max_age
             else:
                 self._cached, self._valid_until = self._initial, float("inf")
@@ -162,6 +160,16 @@ class LatencyEstimator:
     @property
     def samples(self) -> int:
         return len(self._samples)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """``np.quantile(values, q)`` (its default, linear interpolation) of an already sorted list.
+    By hand: the window is ~50 floats, re-read after every escalation, and numpy's call overhead
+    was 6 % of an escalation's client time (py-spy) for what ``sorted`` does in ~3 us."""
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 class Readiness:
