@@ -1,34 +1,48 @@
-"""Cloud serving throughput: our service (batching on / off) vs a naive FastAPI handler vs Triton,
-next to the raw ONNX Runtime ceiling -- all measured in one run, with ratios.
+"""Cloud serving throughput: our service against KServe, Triton (pytriton), a naive FastAPI handler
+and the ONNX batch ceiling, at several concurrency levels, side by side in one run, with ratios.
 
-    .venv/bin/python bench/cloud_throughput.py                    # full run (~2-3 min)
-    .venv/bin/python bench/cloud_throughput.py --quick            # smoke run (seconds per target)
-    .venv/bin/python bench/cloud_throughput.py --json out.json --rounds 3
+    .venv/bin/python bench/cloud_throughput.py                     # scaling table: a, d, k, w at 1/4/16/64 (~12 min)
+    .venv/bin/python bench/cloud_throughput.py --targets abcdkw --rounds 5 --json out.json
+    .venv/bin/python bench/cloud_throughput.py --connections 32 --targets abcd   # issue 3's single-level table
+    .venv/bin/python bench/cloud_throughput.py --quick             # smoke run (1 round, 2 s per measurement)
 
-Targets, each serving the shipped cloud model (``cloud_service/artifacts/cloud-fp32.json``)
-on a loopback port, each fed the same single-image v2 request (``UINT8 [1, 1, 28, 28]`` JSON,
-``outputs: [probabilities]``; ``--datatype FP32`` sends normalised floats instead):
+Targets, each serving the shipped cloud model (``cloud_service/artifacts/cloud-fp32.json``) on a
+loopback port with one ONNX Runtime intra-op thread per execution, each fed the same single-image
+v2 request (``UINT8 [1, 1, 28, 28]`` JSON, ``outputs: [probabilities]``; ``--datatype FP32``
+sends normalised floats instead):
 
 * ``(a)`` our service, dynamic batching on (``config/cloud.yaml`` or ``--config``), one uvicorn worker;
 * ``(b)`` the same service with ``batching.enabled: false`` (every request runs alone, off the loop);
 * ``(c)`` the naive pattern: a minimal FastAPI handler that parses the JSON body with a pydantic
   model and calls ``session.run`` once per request (defined below; same uvicorn, same threads);
 * ``(d)`` Triton Inference Server from ``nvidia-pytriton`` (``cloud_service.triton``), same model,
-  same batching limits -- skipped with a note when that module or pytriton is unavailable.
+  same batching limits and instances -- skipped with a note when pytriton is unavailable;
+* ``(k)``/``(w)`` KServe's ``ModelServer`` with 1 / 2 uvicorn workers running ``bench/kserve_model.py``
+  (a ~50-line custom ``kserve.Model``: same ONNX file, one thread, same normalisation and softmax).
+  KServe lives in its own environment, ``bench/.venvs/kserve``, which this script creates on
+  first use (``python -m venv`` + ``pip install kserve onnxruntime numpy``; reused afterwards;
+  never a dependency of the project). It gets the same request bytes: KServe's v2 endpoint takes
+  UINT8 JSON as our service does. Differences: KServe ignores ``outputs`` (the model returns only
+  ``probabilities``), adds a generated ``id``, does not batch (its batcher is a separate agent),
+  and runs a synchronous ``predict`` on its event loop, as its custom-model examples do. Request
+  logging (access, latency and timing lines) is off for it, as it is in our service.
 
-All use one ONNX Runtime intra-op thread (``--threads``). The ceiling is ``session.run`` alone on
-that many threads, at batch 1 and at ``max_batch_size``, in this process with nothing else running.
+The ceiling is ``session.run`` alone on that many threads x instances, at batch 1 and at
+``max_batch_size``, in this process with nothing else running; it is re-measured before every round.
 
 Load generator: ``wrk`` (C, epoll; Debian package ``wrk``) with a Lua script that POSTs the
-body, 1 thread and ``--connections`` (default 32) keep-alive connections, i.e. 32 concurrent
-clients each sending one request at a time. It is cheap enough not to be the bottleneck on 2
-cores; its own CPU use is measured (``getrusage`` of the child) and printed next to the server's
-(``/proc`` of every process of the target), so the reader can check. Each measurement is
-preceded by a warm-up, and with ``--rounds N`` targets run interleaved in a fresh random order
-each round (all servers stay up; idle ones use no CPU) and medians are reported.
+body, 1 thread and N keep-alive connections, i.e. N concurrent clients each sending one request
+at a time. Its CPU use (``getrusage`` of the child) is printed next to the server's (``/proc`` of
+every process of the target): on 2 cores it competes with the server. Each measurement is preceded
+by a warm-up. Every round visits each level and, per level, the targets in a fresh random order;
+all servers stay up (idle ones use no CPU). Ratios are computed per round and level -- so drift of
+the machine's load hits both sides of a ratio alike -- and reported as the median [min-max] over
+rounds. Requests per CPU second (server + wrk) are printed too: on a shared machine they move much
+less than requests per second.
 
-Benchmarks are not tests: nothing here asserts a speed. The issue's goals are printed next to
-the measured ratios: (a) >= 2x (c), (a) >= (d), (a) >= 50 % of the raw ceiling.
+Benchmarks are not tests: nothing here asserts a speed. The goals of issue 13 are printed next to
+the measured ratios: (a) >= 1.5x (k) at every level, (a) >= 2x (d), (a) >= 0.8 of the batch ceiling
+at the highest level; and issue 3's (a) >= 2x (c).
 """
 
 from __future__ import annotations
@@ -93,6 +107,15 @@ class Measurement:
     errors: dict
     loadgen_cores: float  # CPU seconds of wrk / wall seconds
     server_cores: float  # CPU seconds of the target's processes / wall seconds
+    connections: int = 0
+    round: int = 0
+    note: str = ""
+
+    @property
+    def per_cpu_s(self) -> float:
+        """Requests per CPU second of the server and wrk: what the goals would be on an idle machine."""
+        cpu = self.server_cores + self.loadgen_cores
+        return self.rps / cpu if cpu > 0 else float("nan")
 
 
 @dataclass
@@ -103,8 +126,11 @@ class TargetResult:
     note: str = ""
     server_stats: dict = field(default_factory=dict)
 
-    def median(self, attr: str) -> float:
-        return statistics.median(getattr(m, attr) for m in self.rounds) if self.rounds else float("nan")
+    def level(self, connections: int) -> list[Measurement]:
+        return [m for m in self.rounds if m.connections == connections]
+
+    def at(self, connections: int, rnd: int) -> Optional[Measurement]:
+        return next((m for m in self.rounds if m.connections == connections and m.round == rnd), None)
 
 
 @dataclass
@@ -189,7 +215,7 @@ def naive_target(manifest: Path, threads: int) -> Iterator[Target]:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, proc)
-        yield Target("c", "(c) naive FastAPI + session.run", url, lambda: [proc.pid])
+        yield Target("c", LABELS["c"], url, lambda: [proc.pid])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -250,12 +276,14 @@ def triton_target(datatype: str, max_batch: int, delay_ms: float, threads: int, 
     """Triton via ``cloud_service.triton`` (another module); raises ImportError/RuntimeError if unavailable."""
     from cloud_service.triton import TritonModelServer
 
+    before = set(_descendants(os.getpid()))
     with TritonModelServer(input_datatype=datatype, max_batch_size=max_batch,
                            max_queue_delay_us=int(delay_ms * 1000), intra_op_threads=threads, instances=instances,
                            startup_timeout_s=120) as srv:
-        # tritonserver and its python-backend stub are our descendants; the model itself runs in this process.
-        yield Target("d", "(d) Triton (nvidia-pytriton)", srv.url,
-                     lambda: [os.getpid(), *_descendants(os.getpid())], lambda: _triton_stats(srv.metrics_url))
+        # tritonserver and its python-backend stub are the children this start spawned (not the other
+        # targets', nor wrk); the model itself runs in this process.
+        own = sorted(set(_descendants(os.getpid())) - before)
+        yield Target("d", LABELS["d"], srv.url, lambda: [os.getpid(), *own], lambda: _triton_stats(srv.metrics_url))
 
 
 def _triton_stats(metrics_url: str) -> dict:
@@ -269,6 +297,77 @@ def _triton_stats(metrics_url: str) -> dict:
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     rows, execs = values.get("nv_inference_count", 0.0), values.get("nv_inference_exec_count", 0.0)
     return {"images": int(rows), "executions": int(execs), "avg_batch": round(rows / execs, 2) if execs else None}
+
+
+# ----------------------------------------------------------------------------- KServe (k, w)
+
+KSERVE_VENV = REPO / "bench" / ".venvs" / "kserve"
+KSERVE_MODEL = REPO / "bench" / "kserve_model.py"
+KSERVE_PACKAGES = ("kserve", "onnxruntime", "numpy")
+# Request logging off (access log, KServe's per-request latency and timing lines), as in our service.
+KSERVE_LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "handlers": {"err": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}},
+    "loggers": {name: {"level": "WARNING", "handlers": ["err"], "propagate": False}
+                for name in ("kserve", "kserve.trace", "uvicorn", "uvicorn.error", "uvicorn.access")},
+}
+
+
+def kserve_python(venv: Path = KSERVE_VENV) -> Path:
+    """The interpreter of KServe's own environment, created on first use (never a dependency of ours).
+
+    ``python -m venv`` + ``pip install kserve onnxruntime numpy`` from the configured package index;
+    an existing environment is reused as it is (delete the folder to upgrade).
+    """
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import kserve, onnxruntime, numpy"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    (venv.parent / ".gitignore").write_text("*\n")  # environments are not part of the checkout
+    print(f"creating KServe's environment in {venv} (pip install {' '.join(KSERVE_PACKAGES)}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *KSERVE_PACKAGES], capture_output=True, text=True)
+    if pip.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
+        tail = (pip.stderr or pip.stdout).strip().splitlines()[-1:] or ["import failed"]
+        raise RuntimeError(f"could not install {' '.join(KSERVE_PACKAGES)} into {venv}: {tail[0]}")
+    return python
+
+
+@contextlib.contextmanager
+def kserve_target(key: str, manifest: Path, workers: int, work: Path) -> Iterator[Target]:
+    """KServe's ModelServer (``workers`` uvicorn processes) running ``bench/kserve_model.py``."""
+    from cloud_service.launch import free_port
+
+    from edge_model.manifest import Manifest
+
+    python = kserve_python()
+    m = Manifest.load(manifest)
+    log_config = work / "kserve-logging.json"
+    log_config.write_text(json.dumps(KSERVE_LOG_CONFIG))
+    port = free_port()
+    log_file = open(work / f"kserve-{key}.log", "wb")
+    cmd = [str(python), str(KSERVE_MODEL), "--onnx", str(manifest.parent / m.file), "--mean", str(m.input.mean),
+           "--std", str(m.input.std), "--temperature", str(m.temperature), "--model_name", MODEL,
+           "--http_port", str(port), "--workers", str(workers), "--log_config_file", str(log_config)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc, timeout=120)
+        yield Target(key, LABELS[key], url, lambda: [proc.pid, *_descendants(proc.pid)])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the spawned workers too
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_file.close()
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -305,15 +404,16 @@ def check_answer(target: Target, body: bytes, reference: np.ndarray) -> str:
     return ""
 
 
-def _process_cpu(pids: list[int]) -> float:
-    total = 0
+def _process_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system, all threads) of each live process in ``pids``."""
+    out = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime of all threads
-    return total / CLK_TCK
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def _descendants(root: int) -> list[int]:
@@ -359,7 +459,10 @@ def measure(target: Target, lua: Path, body: Path, connections: int, duration: f
     pids = target.pids()
     cpu0 = _process_cpu(pids)
     m, dur = run_wrk(target.url, lua, body, connections, duration)
-    m.server_cores = round((_process_cpu(pids) - cpu0) / dur, 3)
+    cpu1 = _process_cpu(pids)
+    m.server_cores = round(sum(cpu1[p] - cpu0[p] for p in cpu0 if p in cpu1) / dur, 3)
+    if set(target.pids()) != set(pids):  # e.g. KServe replaced a worker its supervisor found unresponsive
+        m.note = "server processes changed during the measurement"
     return m
 
 
@@ -401,76 +504,143 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seco
 
 # ----------------------------------------------------------------------------- report
 
-def print_report(results: list[TargetResult], ceiling: dict[int, float], args) -> dict:
-    by = {r.key: r for r in results}
-    print()
-    print(f"{'target':38} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8} {'server cores':>13} {'wrk cores':>10}  batching")
-    for r in results:
-        if not r.rounds:
-            print(f"{r.label:38} {'skipped':>9}  {r.note}")
+LABELS = {
+    "a": "(a) our service, batching on",
+    "b": "(b) our service, batching off",
+    "c": "(c) naive FastAPI + session.run",
+    "d": "(d) Triton (nvidia-pytriton)",
+    "k": "(k) KServe ModelServer, 1 worker",
+    "w": "(w) KServe ModelServer, 2 workers",
+}
+# (peer, goal of (a) / peer): issue 13 (KServe, pytriton) and issue 3 (naive FastAPI)
+GOALS = {"k": 1.5, "w": None, "d": 2.0, "c": 2.0, "b": None}
+CEILING_GOAL = 0.8
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else f"{med:.2f}"
+
+
+def ratios_by_round(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]]) -> dict:
+    """(a) / peer within each round and level (measured minutes apart at most), and (a) / ceiling per round."""
+    out: dict = {}
+    rounds = len(ceilings)
+    a = results.get("a")
+    for peer in GOALS:
+        r = results.get(peer)
+        if a is None or r is None:
             continue
+        for c in levels:
+            pairs = [(a.at(c, i), r.at(c, i)) for i in range(rounds)]
+            vals = [x.rps / y.rps for x, y in pairs if x is not None and y is not None and y.rps > 0]
+            if vals:
+                out[f"a_over_{peer}@{c}"] = vals
+    if a is not None:
+        for c in levels:
+            vals = [a.at(c, i).rps / max(ceilings[i].values()) for i in range(rounds) if a.at(c, i) is not None]
+            if vals:
+                out[f"a_over_ceiling@{c}"] = vals
+    return out
+
+
+def print_report(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]], args) -> dict:
+    ordered = [results[k] for k in LABELS if k in results]
+    print()
+    for r in ordered:
+        if not r.rounds and r.note:
+            print(f"{r.label}: skipped -- {r.note}")
+    print(f"\nthroughput (req/s) and p99 (ms) by connections; medians of {args.rounds} interleaved round(s)")
+    head = f"{'target':36}" + "".join(f" {f'{c} conn':>17}" for c in levels) + f" {'server cores':>13} {'wrk cores':>10}"
+    print(head)
+    for r in ordered:
+        if not r.rounds:
+            continue
+        cells = []
+        for c in levels:
+            ms = r.level(c)
+            cells.append(f"{statistics.median(m.rps for m in ms):8.0f} {statistics.median(m.p99_ms for m in ms):7.1f}ms"
+                         if ms else f"{'-':>17}")
+        top = r.level(levels[-1])
         errs = sum(sum(m.errors.values()) for m in r.rounds)
-        stats = r.server_stats
-        batch = f"avg batch {stats['avg_batch']}" if stats.get("avg_batch") else ""
-        print(f"{r.label:38} {r.median('rps'):9.0f} {r.median('p50_ms'):8.2f} {r.median('p99_ms'):8.2f} {errs:8d} "
-              f"{r.median('server_cores'):13.2f} {r.median('loadgen_cores'):10.2f}  {batch}")
-        if r.note:
-            print(f"{'':38} note: {r.note}")
-    print()
-    print(f"raw ONNX Runtime ceiling (session.run alone, {args.threads} intra-op thread(s) x {args.instances} "
-          "concurrent caller(s), as in (a)): "
-          + ", ".join(f"batch {b}: {v:.0f} images/s" for b, v in ceiling.items()))
-    best = max(ceiling.values())
-
-    def ratio(a: str, b: str) -> Optional[float]:
-        if a in by and b in by and by[a].rounds and by[b].rounds:
-            return by[a].median("rps") / by[b].median("rps")
-        return None
-
-    ratios = {
-        "a_over_b": ratio("a", "b"),
-        "a_over_c": ratio("a", "c"),
-        "a_over_d": ratio("a", "d"),
-        "a_over_ceiling": by["a"].median("rps") / best if "a" in by and by["a"].rounds else None,
-    }
-    goals = {"a_over_c": ("(a) / (c)", 2.0), "a_over_d": ("(a) / (d)", 1.0), "a_over_ceiling": ("(a) / raw ceiling", 0.5),
-             "a_over_b": ("(a) / (b)", None)}
-    print("ratios:")
-    for key, (label, goal) in goals.items():
-        value = ratios[key]
-        shown = "n/a" if value is None else f"{value:.2f}"
-        verdict = "" if goal is None or value is None else ("  goal >= %.1f: %s" % (goal, "met" if value >= goal else "NOT met"))
-        print(f"  {label:22} {shown:>6}{verdict}")
-    print()
-    print(f"load generator: wrk (1 thread, {args.connections} connections, keep-alive, Lua POST body); "
-          f"{args.duration:.0f} s per measurement after {args.warmup:.0f} s warm-up, {args.rounds} round(s), medians")
-    return ratios
+        print(f"{r.label:36}" + "".join(f" {cell:>17}" for cell in cells)
+              + f" {statistics.median(m.server_cores for m in top):13.2f} {statistics.median(m.loadgen_cores for m in top):10.2f}"
+              + (f"  errors {errs}" if errs else "")
+              + (f"  avg batch {r.server_stats['avg_batch']}" if r.server_stats.get("avg_batch") else ""))
+    print(f"(server cores and wrk cores: CPU seconds per wall second at {levels[-1]} connections; the machine has "
+          f"{os.cpu_count()} -- wrk competes with the server for them)")
+    print("\nrequests per CPU second of server + wrk (cost per request; on a shared machine this moves less than req/s)")
+    print(f"{'target':36}" + "".join(f" {f'{c} conn':>17}" for c in levels))
+    for r in ordered:
+        if r.rounds:
+            print(f"{r.label:36}" + "".join(
+                f" {statistics.median(m.per_cpu_s for m in r.level(c)):17.0f}" if r.level(c) else f" {'-':>17}"
+                for c in levels))
+    print(f"\nONNX batch ceiling (session.run alone, {args.threads} intra-op thread(s) x {args.instances} concurrent "
+          f"caller(s), as in (a)), median of {len(ceilings)} measurement(s) taken between the rounds: "
+          + ", ".join(f"batch {b}: {statistics.median(c[b] for c in ceilings):.0f} images/s" for b in ceilings[0]))
+    ratios = ratios_by_round(results, levels, ceilings)
+    print("\nratios (a) / peer: median of the per-round ratios [min-max]")
+    print(f"{'':28}" + "".join(f" {f'{c} conn':>17}" for c in levels) + "  goal")
+    for peer, goal in GOALS.items():
+        if not any(f"a_over_{peer}@{c}" in ratios for c in levels):
+            continue
+        cells = [_spread(ratios.get(f"a_over_{peer}@{c}", [])) for c in levels]
+        verdict = ""
+        if goal is not None:
+            met = [statistics.median(ratios[f"a_over_{peer}@{c}"]) >= goal for c in levels if f"a_over_{peer}@{c}" in ratios]
+            verdict = f">= {goal:g}: " + ("met" if all(met) else f"NOT met at {sum(not m for m in met)} level(s)")
+        print(f"{'(a) / ' + LABELS[peer][4:26]:28}" + "".join(f" {cell:>17}" for cell in cells) + f"  {verdict}")
+    if any(f"a_over_ceiling@{c}" in ratios for c in levels):
+        cells = [_spread(ratios.get(f"a_over_ceiling@{c}", [])) for c in levels]
+        top = ratios.get(f"a_over_ceiling@{levels[-1]}")
+        verdict = (f">= {CEILING_GOAL:g} at {levels[-1]}: " + ("met" if top and statistics.median(top) >= CEILING_GOAL else "NOT met")
+                   if top else "")
+        print(f"{'(a) / ONNX batch ceiling':28}" + "".join(f" {cell:>17}" for cell in cells) + f"  {verdict}")
+    print(f"\nload generator: wrk (1 thread, keep-alive, Lua POST body); {args.duration:.0f} s per measurement after "
+          f"{args.warmup:.0f} s warm-up; {args.rounds} round(s), each visiting the levels and, per level, the targets in a "
+          "fresh random order")
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v} for k, v in ratios.items()}
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=32, help="concurrent clients (wrk connections)")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each measurement")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians reported)")
+    parser.add_argument("--connections", default="1,4,16,64",
+                        help="comma-separated concurrency levels (wrk connections), e.g. 1,4,16,64 or 32")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and per-round ratios reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads of every target (default: runtime.intra_op_threads of --config)")
     parser.add_argument("--instances", type=int, default=None,
                         help="concurrent executions of (a), (b), (d) and the ceiling (default: runtime.instances of --config)")
     parser.add_argument("--datatype", choices=("UINT8", "FP32"), default="UINT8")
     parser.add_argument("--config", type=Path, default=REPO / "config" / "cloud.yaml", help="settings of (a) and (b)")
-    parser.add_argument("--targets", default="abcd", help="subset of a, b, c, d")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s measurements, 1 s warm-up")
+    parser.add_argument("--targets", default="adkw",
+                        help="subset of a (service), b (batching off), c (naive FastAPI), d (pytriton), "
+                             "k (KServe 1 worker), w (KServe 2 workers)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s measurements, 1 s warm-up, 1 round")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--serve-naive", type=int, default=None, metavar="FD", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, default=MANIFEST, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_naive is not None:
         return serve_naive(args.serve_naive, args.manifest)
+    try:
+        levels = [int(c) for c in str(args.connections).split(",") if c.strip()]
+    except ValueError:
+        parser.error("--connections takes comma-separated integers, e.g. 1,4,16,64")
+    if not levels or min(levels) < 1:
+        parser.error("--connections takes comma-separated integers >= 1, e.g. 1,4,16,64")
+    unknown = set(args.targets) - set(LABELS)
+    if unknown:
+        parser.error(f"--targets: unknown {''.join(sorted(unknown))!r}; choose among {''.join(LABELS)}")
     if args.quick:
-        args.duration, args.warmup = 2.0, 1.0
+        args.duration, args.warmup, args.rounds = 2.0, 1.0, 1
     if shutil.which("wrk") is None:
         print("bench/cloud_throughput.py needs wrk (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -484,16 +654,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     threads_override = {"runtime.intra_op_threads": args.threads, "runtime.instances": instances}
     print(f"cloud throughput bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}; model {MANIFEST.name}; request: 1 image {args.datatype} JSON; "
-          f"batching max {max_batch} rows / {delay_ms} ms; ONNX Runtime {args.threads} thread(s) x {instances} instance(s)")
+          f"batching max {max_batch} rows / {delay_ms} ms (dispatch when idle: {settings.batching.dispatch_when_idle}); "
+          f"ONNX Runtime {args.threads} thread(s) x {instances} instance(s); connections {levels}")
     if subprocess.run(["pgrep", "-f", "router_tools.train"], capture_output=True).returncode == 0:
         print("WARNING: model training is running on this machine; numbers will be depressed and noisy")
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"WARNING: load average {load_before:.2f} before the run: the machine is not idle; "
-              "compare the 'server cores' column with the CPU count")
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"WARNING: load average {load_before[0]:.2f} before the run: the machine is not idle; "
+              "the per-round ratios are the figures to trust")
 
-    # The ceiling first, while nothing else runs (and a broken artifact fails the run at once).
-    ceiling = raw_ceiling(args.threads, instances, (1, max_batch), seconds=min(3.0, args.duration))
+    ceiling_sizes = (1, max_batch)
+    ceilings = [raw_ceiling(args.threads, instances, ceiling_sizes, seconds=min(3.0, args.duration))]
     work = Path(tempfile.mkdtemp(prefix="cloud-bench-"))
     body_bytes, reference = request_body(args.datatype)
     body = work / "body.json"
@@ -502,56 +673,65 @@ def main(argv: Optional[list[str]] = None) -> int:
     lua.write_text(LUA)
 
     results: dict[str, TargetResult] = {}
+    loads: list[float] = []
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
         factories = {
-            "a": lambda: service_target("a", "(a) our service, batching on", args.config, threads_override),
-            "b": lambda: service_target("b", "(b) our service, batching off", args.config,
-                                        {**threads_override, "batching.enabled": False}),
+            "a": lambda: service_target("a", LABELS["a"], args.config, threads_override),
+            "b": lambda: service_target("b", LABELS["b"], args.config, {**threads_override, "batching.enabled": False}),
             "c": lambda: naive_target(MANIFEST, args.threads),
             "d": lambda: triton_target(args.datatype, max_batch, delay_ms, args.threads, instances),
+            "k": lambda: kserve_target("k", MANIFEST, 1, work),
+            "w": lambda: kserve_target("w", MANIFEST, 2, work),
         }
-        labels = {"a": "(a) our service, batching on", "b": "(b) our service, batching off",
-                  "c": "(c) naive FastAPI + session.run", "d": "(d) Triton (nvidia-pytriton)"}
-        for key in "abcd":
+        for key in LABELS:
             if key not in args.targets:
                 continue
-            results[key] = TargetResult(key, labels[key])
+            results[key] = TargetResult(key, LABELS[key])
             try:
                 target = stack.enter_context(factories[key]())
-            except Exception as exc:  # (d) depends on another module and a bundled binary: report, go on
+            except Exception as exc:  # (d), (k), (w) depend on other packages and binaries: report, go on
                 note = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                print(f"{labels[key]}: {note}", flush=True)
+                print(f"{LABELS[key]}: {note}", flush=True)
                 results[key].note = note
                 continue
             wrong = check_answer(target, body_bytes, reference)
             if wrong:
                 results[key].note = f"WRONG ANSWER, not measured: {wrong}"
-                print(f"{labels[key]}: {results[key].note}", flush=True)
+                print(f"{LABELS[key]}: {results[key].note}", flush=True)
                 continue
             targets.append(target)
         for rnd in range(args.rounds):
-            order = targets[:]
-            random.shuffle(order)
-            for target in order:
-                print(f"round {rnd + 1}/{args.rounds}: {target.label} ...", flush=True)
-                results[target.key].rounds.append(measure(target, lua, body, args.connections, args.duration, args.warmup))
+            if rnd:
+                ceilings.append(raw_ceiling(args.threads, instances, ceiling_sizes, seconds=min(3.0, args.duration)))
+            for conns in levels:
+                order = targets[:]
+                random.shuffle(order)
+                for target in order:
+                    m = measure(target, lua, body, conns, args.duration, args.warmup)
+                    m.connections, m.round = conns, rnd
+                    results[target.key].rounds.append(m)
+                    print(f"round {rnd + 1}/{args.rounds}, {conns:>3} conn: {target.label:36} {m.rps:8.0f} req/s  "
+                          f"p99 {m.p99_ms:7.1f} ms  server {m.server_cores:.2f} / wrk {m.loadgen_cores:.2f} cores"
+                          + (f"  ({m.note})" if m.note else ""), flush=True)
+            loads.append(os.getloadavg()[0])
         for target in targets:
             results[target.key].server_stats = target.stats()
     shutil.rmtree(work, ignore_errors=True)
 
-    ordered = [results[k] for k in "abcd" if k in results]
-    ratios = print_report(ordered, ceiling, args)
-    print(f"load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (includes this run's own load)")
+    ratios = print_report(results, levels, ceilings, args)
+    print(f"load average (1 min): {load_before[0]:.2f} before; after each round {', '.join(f'{v:.2f}' for v in loads)} "
+          "(includes this run's own load: about 2 while a target is measured)")
     if args.json:
         args.json.write_text(json.dumps({
-            "settings": {"connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
+            "settings": {"connections": levels, "duration_s": args.duration, "rounds": args.rounds,
                          "threads": args.threads, "instances": instances, "datatype": args.datatype, "max_batch_size": max_batch,
                          "max_queue_delay_ms": delay_ms, "load_generator": "wrk -t1"},
             "targets": {r.key: {"label": r.label, "note": r.note, "server_stats": r.server_stats,
-                                "rounds": [asdict(m) for m in r.rounds]} for r in ordered},
-            "ceiling_images_per_s": ceiling,
+                                "rounds": [asdict(m) for m in r.rounds]} for r in results.values()},
+            "ceiling_images_per_s": ceilings,
             "ratios": ratios,
+            "load_average": {"before": load_before[0], "after_rounds": loads},
         }, indent=2))
     return 0
 
