@@ -4,6 +4,8 @@ plus file sizes, accuracies measured on the shipped test split, calibration and 
     .venv/bin/python bench/edge_latency.py                # full run (~20 s on an idle core)
     .venv/bin/python bench/edge_latency.py --quick        # smoke run (seconds)
     .venv/bin/python bench/edge_latency.py --json out.json
+    .venv/bin/python bench/edge_latency.py --edge router_tools/data/releases/edge-1.1.0/edge-int8.json \
+        --compare edge_model/artifacts/edge-int8.json    # a release vs the bundled model, one run
 
 Latency variants, all single-threaded sessions, all fed the same preprocessed test images
 (float32 [1, 1, 28, 28], cycled):
@@ -12,6 +14,8 @@ Latency variants, all single-threaded sessions, all fed the same preprocessed te
 * ``fp32``       -- the same wrapper over the FP32 twin
 * ``int8-floor`` -- ``session.run`` on the very same INT8 session, no wrapper: the floor
 * ``fp32-floor`` -- ``session.run`` on the FP32 twin's session
+* ``cmp-int8``, ``cmp-fp32`` -- with ``--compare M``: the product path of another INT8 model and
+  its twin, timed in the same rounds (two models' INT8/FP32 ratios under the same load)
 
 Rounds interleave the variants in a fresh random order each round, so drift (other
 processes, frequency scaling) hits all of them alike; ratios are also computed per round
@@ -104,6 +108,7 @@ def accuracy_and_ece(model: OnnxClassifier, x: np.ndarray, labels: np.ndarray) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--edge", type=Path, default=DEFAULT_EDGE_MANIFEST, help="INT8 edge manifest (its twin is the FP32)")
+    p.add_argument("--compare", type=Path, help="another INT8 manifest (and its twin) timed in the same rounds")
     p.add_argument("--cloud", type=Path, default=CLOUD_MANIFEST, help="cloud FP32 manifest (FLOPs, accuracy)")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--per-round", type=int, default=50, help="consecutive calls per variant per round")
@@ -129,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- latency
     variants = _variants(int8, fp32)
+    if a.compare:
+        cmp8 = OnnxClassifier(a.compare, SINGLE)
+        if not cmp8.manifest.twin:
+            raise SystemExit(f"{a.compare}: manifest names no FP32 twin")
+        cmp32 = OnnxClassifier(a.compare.parent / Path(cmp8.manifest.twin).with_suffix(".json"), SINGLE)
+        variants.update({"cmp-int8": cmp8.predict_proba, "cmp-fp32": cmp32.predict_proba})
     for fn in variants.values():  # warm every path (allocator, caches) before timing
         for x in inputs[:50]:
             fn(x)
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         "fp32 / fp32-floor": ratio("fp32", "fp32-floor"),
         "int8-floor / fp32-floor": ratio("int8-floor", "fp32-floor"),
     }
+    if a.compare:
+        ratios["cmp-int8 / cmp-fp32"] = ratio("cmp-int8", "cmp-fp32")
+        ratios["int8 / cmp-int8"] = ratio("int8", "cmp-int8")
 
     # ---- sizes, FLOPs, accuracy (measured on the shipped test split)
     sizes = {
@@ -165,19 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     }
     flops = {"edge": int8.manifest.flops, "cloud": cloud_manifest.flops}
     acc = {"int8": accuracy_and_ece(int8, x_all, test.labels), "fp32": accuracy_and_ece(fp32, x_all, test.labels)}
+    if a.compare:
+        acc["cmp-int8"] = accuracy_and_ece(cmp8, x_all, test.labels)
+        top1 = [np.concatenate([m.logits(x_all[i : i + 500]).argmax(1) for i in range(0, len(x_all), 500)])
+                for m in (int8, cmp8)]
+        acc["agreement int8 / cmp-int8"] = float((top1[0] == top1[1]).mean())
     if not a.no_cloud_accuracy:
         cloud = OnnxClassifier(a.cloud, SessionOptions(warmup_runs=1))
         acc["cloud"] = accuracy_and_ece(cloud, x_all, test.labels)
 
     results = {
         "command": "python bench/edge_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "models": {"edge": f"{int8.name} {int8.version}", "cloud": f"{cloud_manifest.name} {cloud_manifest.version}"},
+        "models": {"edge": f"{int8.name} {int8.version}",
+                   **({"compare": f"{cmp8.name} {cmp8.version}"} if a.compare else {}), "cloud": f"{cloud_manifest.name} {cloud_manifest.version}"},
         "environment": {
             "python": platform.python_version(),
             "onnxruntime": __import__("onnxruntime").__version__,
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),
             "loadavg_1m_at_start": os.getloadavg()[0],
+            "loadavg_1m_at_end": None,
         },
         "latency": stats,
         "ratios": ratios,
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_round": a.per_round,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    results["environment"]["loadavg_1m_at_end"] = os.getloadavg()[0]
     _print(results)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -207,9 +229,11 @@ def _cpu_name() -> str:
 def _print(r: dict) -> None:
     env = r["environment"]
     print(f"# edge latency benchmark  ({r['command'].strip()})")
-    print(f"edge {r['models']['edge']} | cloud {r['models']['cloud']}")
+    cmp = f" | compared with {r['models']['compare']}" if "compare" in r["models"] else ""
+    print(f"edge {r['models']['edge']}{cmp} | cloud {r['models']['cloud']}")
     print(f"{env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']}, python {env['python']}, "
-          f"load avg {env['loadavg_1m_at_start']:.2f} at start; single-threaded sessions")
+          f"load avg {env['loadavg_1m_at_start']:.2f} at start, {env['loadavg_1m_at_end']:.2f} at end; "
+          "single-threaded sessions")
     print(f"{r['rounds']} interleaved rounds x {r['per_round']} calls per variant, batch 1\n")
 
     print("| variant    | median us | p99 us | mean us |")
@@ -229,6 +253,9 @@ def _print(r: dict) -> None:
     print(f"| edge INT8 accuracy               | {acc['int8']['accuracy']:.4f} | >= 0.905 |")
     print(f"| edge FP32 twin accuracy          | {acc['fp32']['accuracy']:.4f} |  |")
     print(f"| INT8 - FP32 accuracy (points)    | {100 * (acc['int8']['accuracy'] - acc['fp32']['accuracy']):+.2f} | >= -0.5 |")
+    if "cmp-int8" in acc:
+        print(f"| compared INT8 accuracy           | {acc['cmp-int8']['accuracy']:.4f} |  |")
+        print(f"| top-1 agreement INT8 / compared  | {acc['agreement int8 / cmp-int8']:.4f} |  |")
     if "cloud" in acc:
         print(f"| cloud FP32 accuracy              | {acc['cloud']['accuracy']:.4f} | >= 0.945 |")
     print(f"| edge INT8 ECE before / after T   | {acc['int8']['ece_uncalibrated']:.4f} / {acc['int8']['ece']:.4f} | lower after |")
