@@ -17,9 +17,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# What the demo needs: client, server and tools (no torch, no Ray).
+# What the demo needs: client, server and tools (no torch, no Ray); its model-update stage needs
+# the client's updater (tuf) and the operator's release tools.
 $(VENV)/.installed-run: $(PROJECTS) | $(PY)
-	$(PIP) install --quiet -e . -e ./cloud_service -e "./router_tools[server]"
+	$(PIP) install --quiet -e ".[updates]" -e ./cloud_service -e "./router_tools[server,release]"
 	touch $@
 
 # Everything the tests exercise. torch is pinned to the CPU wheel and installed first, so that

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("router.field")
 
+# The agreement alarm needs this many audits of a version: its Wilson bound, looked at after every
+# audit, would otherwise fire on a good model's first disagreement whenever agreement_floor > 0.79
+# (0/1 agreed has an upper bound of 0.79 at 95 %). At 20, a model agreeing 95 % of the time stays
+# over a 0.9 floor with probability > 0.999; one agreeing 10 % is caught at once.
+MIN_AUDITS = 20
 MAX_VERSIONS = 16  # versions kept in memory and in one report (a device runs few in its life)
 REPORT_PATH = "/v1/fleet/report"
 _REPORT_CAP = 4096  # bytes read of the service's answer to a report
@@ -86,6 +91,7 @@ class FieldMonitor:
         self._pending = 0  # audits handed to the I/O thread and not finished
         self._queue: Optional[asyncio.Queue] = None
         self._tasks: list = []  # concurrent futures of the drainer and the reporter, cancelled at close
+        self._loop_tasks: list = []  # the same as asyncio tasks (appended on the I/O loop)
         self._reporter_started = False
         self._alarmed: set[str] = set()
         self.alarm: Optional[dict[str, Any]] = None
@@ -185,6 +191,7 @@ class FieldMonitor:
     # ------------------------------------------------------------------ the I/O thread's side
 
     async def _drain(self, queue: asyncio.Queue) -> None:
+        self._loop_tasks.append(asyncio.current_task())
         while True:
             req, version, x, pixels, edge_cls = await queue.get()
             try:
@@ -259,25 +266,25 @@ class FieldMonitor:
         if abs(share - p0) > tol:
             self._fire(version, policy, "escalation",
                        f"edge {version}: realised escalation {share:.3f} over {n} answers is outside the calibrated "
-                       f"band {p0:.3f} ± {tol:.3f}")
+                       f"band {p0:.3f} ± {tol:.3f}", share=round(share, 4), expected=p0, answers=n)
 
     def _check_agreement(self, version: str, policy, agreed: int, n: int) -> None:
         floor = policy.agreement_floor
-        if floor is None or n == 0 or version in self._alarmed:
+        if floor is None or n < MIN_AUDITS or version in self._alarmed:
             return
         lo, hi = wilson(agreed, n, policy.drift.confidence)
         if hi < floor:
             self._fire(version, policy, "agreement",
                        f"edge {version}: audit agreement {agreed}/{n} (upper bound {hi:.3f}) is under the "
-                       f"agreement_floor {floor}")
+                       f"agreement_floor {floor}", agreed=agreed, audited=n, upper=round(hi, 4))
 
-    def _fire(self, version: str, policy, kind: str, message: str) -> None:
+    def _fire(self, version: str, policy, kind: str, message: str, **figures) -> None:
         with self._lock:
             if version in self._alarmed:
                 return
             self._alarmed.add(version)
             self.alarm = {"version": version, "kind": kind, "message": message, "at": time.time(),
-                          "rollback": None}
+                          "rollback": None, **figures}
             self.alarms.append(self.alarm)
         log.warning("drift alarm: %s%s", message, "; rolling back" if policy.drift.rollback else "")
         if policy.drift.rollback:
@@ -290,7 +297,9 @@ class FieldMonitor:
             alarm["rollback"] = "skipped: another version answers now"
             return
         try:
-            now = router.rollback_edge()
+            updater = router.updater
+            now = (updater.rollback(reason=f"drift alarm: {alarm['kind']}") if updater is not None
+                   else router.rollback_edge())  # (the latter raises the ConfigError that says why not)
         except Exception as exc:  # noqa: BLE001 -- ConfigError (no updater), NothingToRollBack: said in stats
             alarm["rollback"] = f"failed: {exc}"
             log.error("drift alarm: rollback of edge %s failed: %s", alarm["version"], exc)
@@ -324,6 +333,7 @@ class FieldMonitor:
             return dict(list(out.items())[-MAX_VERSIONS:])
 
     async def _report_loop(self) -> None:
+        self._loop_tasks.append(asyncio.current_task())
         router = self._router
         while not router._closed:
             policy = router._snap.policy
@@ -364,8 +374,22 @@ class FieldMonitor:
         self.report_error = None
         return True
 
-    def close(self) -> None:
-        """Cancel the drainer and the reporter (before the router's I/O loop closes)."""
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Cancel the drainer and the reporter before the router's I/O loop closes, and wait (bounded)
+        until they have ended there: an audit in flight is then cancelled on its loop, not destroyed
+        with it (asyncio's "Task was destroyed but it is pending" at exit)."""
+        tasks = list(self._loop_tasks)
+        loop = tasks[0].get_loop() if tasks else None
+        if loop is not None and loop.is_running():
+            async def stop() -> None:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            try:
+                asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout_s)
+            except Exception:  # noqa: BLE001 -- best effort at shutdown (the loop may be stopping)
+                pass
         for task in self._tasks:
             task.cancel()
 

@@ -604,7 +604,7 @@ class EdgeUpdater:
 
     # -------------------------------------------------------------- rollback
 
-    def rollback(self) -> str:
+    def rollback(self, reason: str = "rolled back by the operator") -> str:
         """Swap back to the previous version on disk (else the model the router started with) and
         refuse the current one until a newer release is published. Returns the version answering."""
         with self._cycle_lock:
@@ -621,16 +621,17 @@ class EdgeUpdater:
                 except ReleaseRejected as exc:
                     self._state["refused"][version] = str(exc)
                     continue
-                self._refuse(active, UpdateError("rolled back by the operator"))
+                st["refused"][active] = reason  # not taken again until the operator publishes another
                 self._activate(version, model)
+                log.warning("edge release %s rolled back (%s); %s answers now", active, reason, version)
                 return version
             if self._base is None:
                 raise NothingToRollBack("rollback_edge: no earlier version on disk and no bundled model to go back to")
             self._install(self._base, release=False)
-            st["refused"][active] = "rolled back by the operator"
+            st["refused"][active] = reason
             st["active"] = None
             self._save_state()
-            log.warning("edge release %s rolled back to the bundled model %s", active, self._base.version)
+            log.warning("edge release %s rolled back (%s) to the bundled model %s", active, reason, self._base.version)
             return self._base.version
 
     def status(self) -> dict[str, Any]:

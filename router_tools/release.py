@@ -228,6 +228,31 @@ def golden_from_test_split(manifest_path: Path, samples: int):
     return x.astype(np.float32), labels
 
 
+def calibrate_on_validation(manifest_path: Path, *, target_escalation: float | None = None,
+                            threshold: float | None = None) -> dict:
+    """The release's ``calibration`` (see edge_model/manifest.py) measured on the shipped validation
+    split: the threshold whose escalation share is ``target_escalation`` (the lowest confidence
+    that keeps that share under it), or the share a given ``threshold`` escalates."""
+    import numpy as np
+
+    from edge_model.runtime import OnnxClassifier
+    from router_tools.datasets import load_validation
+
+    if (target_escalation is None) == (threshold is None):
+        raise ReleaseError("give one of --target-escalation and --threshold")
+    for name, v in (("--target-escalation", target_escalation), ("--threshold", threshold)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ReleaseError(f"{name} must be within [0, 1]; got {v}")
+    model = OnnxClassifier(manifest_path)
+    val = load_validation()
+    conf = np.sort(model.predict_proba(model.preprocess_batch(list(val.images))).max(axis=1))
+    if threshold is None:
+        k = min(len(conf) - 1, int(round(target_escalation * len(conf))))
+        threshold = float(conf[k]) if k > 0 else 0.0
+    share = float((conf < threshold).mean())
+    return {"threshold": round(float(threshold), 6), "expected_escalation": round(share, 6), "split": "validation"}
+
+
 def golden_bytes(x, labels) -> bytes:
     import numpy as np
 
@@ -248,11 +273,14 @@ def make_delta(old: bytes, new: bytes) -> bytes:
 
 def publish(repo: Repo, manifest_path: str | os.PathLike, *, rollout: float = 1.0, golden: bytes | None = None,
             golden_min_agreement: float = 0.95, targets_days: float | None = None, snapshot_days: float | None = None,
-            timestamp_days: float | None = None, delta_from: tuple[str, ...] = ()) -> dict:
+            timestamp_days: float | None = None, delta_from: tuple[str, ...] = (),
+            calibration: dict | None = None) -> dict:
     """Add (or re-stage) the release of ``manifest_path``: a new signed targets version, snapshot
     and timestamp. Re-publishing the same version with the same bytes changes only its rollout
     share (5 % -> 25 % -> 100 %). ``delta_from``: earlier versions to ship a zstd patch from
-    (devices holding one download the patch instead of the model). Returns the release entry."""
+    (devices holding one download the patch instead of the model). ``calibration``: written into the
+    published manifest (threshold and expected escalation travel with the release). Returns the
+    release entry."""
     _need_tuf()
     from edge_model.errors import ArtifactError
     from edge_model.manifest import Manifest, read_verified
@@ -265,8 +293,16 @@ def publish(repo: Repo, manifest_path: str | os.PathLike, *, rollout: float = 1.
     try:
         manifest = Manifest.load(manifest_path)
         model = read_verified(manifest_path.parent / manifest.file, manifest.sha256)
+        manifest_bytes = manifest_path.read_bytes()
+        if calibration is not None:
+            raw = json.loads(manifest_bytes)
+            raw["calibration"] = dict(calibration)
+            manifest = Manifest.model_validate(raw)
+            manifest_bytes = (json.dumps(raw, indent=2) + "\n").encode()
     except ArtifactError as exc:
         raise ReleaseError(f"cannot publish: {exc}") from None
+    except ValueError as exc:  # pydantic's ValidationError: a bad calibration
+        raise ReleaseError(f"cannot publish: calibration {calibration}: {str(exc).splitlines()[0]}") from None
     version = manifest.version
     if "/" in version or version in (".", "..") or not version:
         raise ReleaseError(f"{manifest_path}: version {version!r} cannot name a release folder")
@@ -288,7 +324,7 @@ def publish(repo: Repo, manifest_path: str | os.PathLike, *, rollout: float = 1.
     }
     entry["rollout"] = float(rollout)
     if old is None:
-        _add_target(repo, targets, entry["manifest"], manifest_path.read_bytes())
+        _add_target(repo, targets, entry["manifest"], manifest_bytes)
         _add_target(repo, targets, entry["model"], model)
         if golden is not None:
             entry["golden"] = f"{base}/golden.npz"

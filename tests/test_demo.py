@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(200)
 DEADLINE_MS = 1000
 SECTIONS = ["1. Streaming shipped test images", "2. Simulated WAN (wan40: 40 ms round trip)",
             "3. Cloud outage mid-stream", "4. Privacy mode (privacy=True)", "5. Recovery",
-            "6. Progressive answers (predict_progressive)", "Summary"]
+            "6. Progressive answers (predict_progressive)", "7. Model update (signed release channel)", "Summary"]
 
 
 def alive(pid: int) -> bool:
@@ -48,6 +48,7 @@ def demo():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    assert "Task was destroyed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     out = proc.stdout
     positions = [out.find(s) for s in SECTIONS]
     assert -1 not in positions and positions == sorted(positions), (positions, out)
@@ -114,11 +115,12 @@ def test_progressive_stage_shows_a_refinement_and_a_late_one_standing(demo):
 def test_log_is_compact_and_fits_80_columns(demo):
     out, body = demo
     lines = out.splitlines()
-    assert len(lines) < 90, len(lines)  # six stages, about a dozen lines each, and the summary
+    assert len(lines) < 110, len(lines)  # seven stages, about a dozen lines each, and the summary
     assert max(map(len, lines)) <= 80
     assert "\x1b[" not in out  # no terminal control sequences in a log
     table = body["Summary"]
-    for short in ("stream (loopback)", "WAN (40 ms RTT)", "cloud outage", "privacy mode", "recovery", "progressive"):
+    for short in ("stream (loopback)", "WAN (40 ms RTT)", "cloud outage", "privacy mode", "recovery", "progressive",
+                  "model update"):
         assert re.search(rf"^{re.escape(short)}\s+\d+\s+[\d.]+%", table, re.M), table
 
 
@@ -133,3 +135,32 @@ def test_nothing_is_left_behind(demo):
         with socket.socket() as s:
             s.settimeout(1.0)
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_model_update_stage_rolls_out_swaps_live_and_rolls_a_bad_release_back(demo):
+    pytest.importorskip("tuf", reason="the updates extra is not installed")
+    _, body = demo
+    update = body[SECTIONS[6]]
+    assert "skipped" not in update, update
+    assert re.search(r"^  seen in [\d.]+ s: staged rollout, live swap, bad release rolled back$", update, re.M), update
+    # Staged rollout: the share of a simulated fleet grows, and the router takes 1.1.0 once its cohort is in.
+    steps = re.findall(r"^  rollout +(\d+)%: +(\d+)/1000 devices in cohort; router (in|out): answers (\S+)$", update, re.M)
+    assert [s[0] for s in steps] == ["5", "25", "100"], update
+    counts = [int(s[1]) for s in steps]
+    assert 20 <= counts[0] <= 80 and 200 <= counts[1] <= 300 and counts[2] == 1000
+    m = re.search(r"cohort position ([\d.]+), answering (\S+)$", update, re.M)
+    before, position = m.group(2), float(m.group(1))
+    assert 0.05 <= position < 0.25
+    assert steps[0][2:] == ("out", before) and steps[1][2:] == ("in", "1.1.0") and steps[2][2:] == ("in", "1.1.0")
+    # The live swap: no failed or late answer, both versions answered.
+    m = re.search(r"^  3 threads predicting meanwhile: (\d+) answers, (\d+) failed, (\d+) late \(> (\d+) ms\)$",
+                  update, re.M)
+    assert m and int(m.group(1)) >= 60 and m.group(2) == m.group(3) == "0" and int(m.group(4)) == DEADLINE_MS, update
+    assert f"edge versions in those answers: {before} -> 1.1.0" in update
+    assert re.search(r"update time: check saw 1.1.0 -> swapped in \d+ ms", update)
+    # The bad release: installed (it verifies and validates), caught by its audits, rolled back.
+    assert "bad release 1.1.1 (outputs permuted; signed, golden set passes): installed" in update
+    m = re.search(r"of 1.1.1: (\d+)/(\d+) agree\n.*upper bound ([\d.]+) < agreement_floor 0.8", update)
+    assert m and int(m.group(2)) >= 20 and float(m.group(3)) < 0.8, update
+    assert "-> agreement alarm rolled 1.1.1 back to 1.1.0; answering now: 1.1.0" in update
+    assert re.search(r"since the bad release: \d+ answers, 0 failed, 0 late; 1.1.1 now refused", update), update

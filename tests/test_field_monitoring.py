@@ -371,3 +371,18 @@ def test_device_exporter_refuses_privacy_and_names_the_extra(monkeypatch):
     with pytest.raises(ConfigError) as info:
         metrics.registry_for(None)
     assert "pip install 'hybrid-edge-router[metrics]'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_agreement_alarm_waits_for_enough_audits():
+    # A Wilson bound looked at after every audit would fire on a good model's first disagreement
+    # (0/1 agreed: upper bound 0.79 < a 0.9 floor); MIN_AUDITS audits are needed first.
+    from router.audit import MIN_AUDITS, FieldMonitor
+
+    pol = parse_policy({"agreement_floor": 0.9, "decision_log": False})
+    mon = FieldMonitor(router=None)
+    mon._check_agreement("2.0.0", pol, 0, 1)
+    mon._check_agreement("2.0.0", pol, MIN_AUDITS - 5, MIN_AUDITS - 1)
+    assert mon.alarm is None
+    mon._check_agreement("2.0.0", pol, MIN_AUDITS // 2, MIN_AUDITS)
+    assert mon.alarm["kind"] == "agreement" and mon.alarm["audited"] == MIN_AUDITS
+    assert mon.alarm["agreed"] == MIN_AUDITS // 2 and mon.alarm["upper"] < 0.9

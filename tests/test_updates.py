@@ -624,3 +624,21 @@ def test_a_release_with_other_labels_answers_with_them_and_rechecks_the_real_ser
             assert r.updater.check_now() == "updated:3.0.0"
             p = r.predict(images[0], threshold=1.0)
             assert p.source == "cloud" and p.label in labels and not p.fallback
+
+
+def test_publish_with_target_escalation_ships_the_calibration(channel, tmp_path, capsys):
+    from router_tools.cli import main
+
+    repo = str(channel.repo.root_dir)
+    assert main(["release", "publish", "--repo", repo, "--manifest", str(candidate(tmp_path, "2.0.0")),
+                 "--no-golden", "--target-escalation", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "calibration on validation: threshold 0.89" in out and "escalation 25.0%" in out
+    assert main(["release", "publish", "--repo", repo, "--manifest", str(candidate(tmp_path, "3.0.0")),
+                 "--no-golden", "--target-escalation", "1.5"]) == 2
+    assert "--target-escalation must be within [0, 1]" in capsys.readouterr().err
+    with router_on(channel, tmp_path) as r:
+        assert version_of(r) == "2.0.0"
+        cal = r.edge_model.manifest.calibration
+        assert cal.split == "validation" and cal.expected_escalation == 0.25 and 0.85 < cal.threshold < 0.95
+        assert r.stats()["field"]["expected_escalation"] == 0.25

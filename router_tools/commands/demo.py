@@ -16,7 +16,13 @@ through :class:`router.Router`, then walks through the scenarios that matter:
    a trial escalation succeeds, it closes, escalations resume;
 6. **progressive answers** -- ``predict_progressive``: the edge's answer at once, the cloud's
    refinement when it lands; then the proxy slows beyond the deadline and a late refinement
-   leaves the first answer standing (``refinement_late``).
+   leaves the first answer standing (``refinement_late``);
+7. **model update** -- operator keys are generated, edge 1.1.0 is published into a signed TUF
+   channel on a loopback static server and rolled out 5 % -> 25 % -> 100 % by re-publishing (a
+   fleet of simulated device ids shows who takes it; the router under test sits in the 25 %
+   cohort), the router swaps it in while threads keep predicting (no failed or late answer),
+   then a deliberately bad release (outputs permuted, signed correctly) is installed and rolled
+   back by its shadow-audit agreement (needs the ``updates``/``release`` extras).
 
 Each stage runs until its condition has been seen (after a minimum number of images, so its
 figures mean something) or its time bound passes, and says which: how fast this machine answers
@@ -54,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pace-ms", type=float, default=None,
                    help="pause between images so the table can be read (default: 12 on a terminal, 0 otherwise)")
     p.add_argument("--no-scenarios", action="store_true", help="only the first stream")
+    p.add_argument("--no-update", action="store_true", help="skip the model-update stage")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated network")
 
 
@@ -192,6 +199,9 @@ class _Demo:
                     _recovered, k, max(bound, DEMO_BREAKER_OPEN_S + bound),
                     pace_s=max(self.pace_s, RECOVERY_PACE_S)))
                 self.progressive_stage(router, proxy, k, bound)
+                if not args.no_update:
+                    proxy.set_profile("loopback")
+                    UpdateStage(self, data, bound).run()
             self.final_summary(router)
         self.check_clean()
         return 0
@@ -511,3 +521,300 @@ def _start_error(svc, exc: Optional[BaseException]):
 
     why = f"{type(exc).__name__}: {exc}" if exc is not None else "it is not running"
     return ServiceStartError(f"the cloud service did not come back ({why}); log: {svc.log_path}")
+
+
+# ---------------------------------------------------------------------- stage 7: model update
+
+RELEASE_VERSION = "1.1.0"
+BAD_VERSION = "1.1.1"
+ROLLOUT_STEPS = (0.05, 0.25, 1.0)
+FLEET = 1000  # simulated device ids the rollout lines count
+UPDATE_THREADS = 3  # threads that keep predicting through the swaps
+UPDATE_PACE_S = 0.004  # each thread's pause between requests: an app's traffic, not a CPU saturation test
+UPDATE_AUDIT_RATE = 0.25  # the field uses a few %: here the bad release must show in seconds
+UPDATE_FLOOR = 0.8
+
+
+def release_manifest(tmp) -> tuple["Path", bool]:
+    """Edge 1.1.0 as shipped under router_tools/data/releases/edge-1.1.0/ (INT8 preferred), else a
+    stand-in: the bundled model under version 1.1.0 (True: it is the stand-in)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edge_model.runtime import ARTIFACTS_DIR
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "releases" / f"edge-{RELEASE_VERSION}"
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            m = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(m, dict) and m.get("version") == RELEASE_VERSION and "file" in m:
+            found.append((m.get("precision") != "int8", path))
+    if found:
+        return min(found)[1], False
+    out = Path(tmp) / "stand-in"
+    out.mkdir(parents=True, exist_ok=True)
+    m = json.loads((ARTIFACTS_DIR / "edge-int8.json").read_text())
+    shutil.copy(ARTIFACTS_DIR / m["file"], out / m["file"])
+    m["version"] = RELEASE_VERSION
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out / "manifest.json", True
+
+
+def permuted_release(manifest_path, folder, version: str):
+    """A deliberately bad release: ``manifest_path``'s graph with its output classes rotated by one.
+    Same labels, input and calibration, valid probabilities, its own golden set: it validates and
+    verifies; only the field (shadow audits against the cloud) can tell it is wrong."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edge_model.manifest import sha256_file
+
+    manifest_path = Path(manifest_path)
+    m = json.loads(manifest_path.read_text())
+    model = onnx.load(manifest_path.parent / m["file"])
+    out = m.get("output_name", "logits")
+    for node in model.graph.node:
+        node.output[:] = [f"{out}_raw" if o == out else o for o in node.output]
+    n = len(m["labels"])
+    model.graph.initializer.append(numpy_helper.from_array(np.roll(np.arange(n, dtype=np.int64), 1), "perm"))
+    model.graph.node.append(helper.make_node("Gather", [f"{out}_raw", "perm"], [out], axis=1))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "edge-permuted.onnx")
+    m.update(version=version, file="edge-permuted.onnx", sha256=sha256_file(folder / "edge-permuted.onnx"), twin=None)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder / "manifest.json"
+
+
+def cohort_device(version: str, lo: float, hi: float) -> tuple[str, float]:
+    """The first simulated device id whose cohort position for ``version`` is in [lo, hi)."""
+    from router.updates import cohort_value
+
+    for i in range(100_000):
+        d = f"demo-device-{i}"
+        v = cohort_value(d, version)
+        if lo <= v < hi:
+            return d, v
+    raise RuntimeError("no device id in the cohort")  # unreachable: sha256 is uniform
+
+
+class UpdateStage:
+    """Stage 7 (see the module docstring). Every line it prints is measured in this run."""
+
+    def __init__(self, demo: "_Demo", policy_data: dict, bound: float) -> None:
+        self.demo, self.c = demo, demo.console
+        self.policy_data, self.bound = policy_data, bound
+        self.rows: list[dict] = []
+        self.errors: list[str] = []
+        self.lock = None
+        self.phase = "rollout"
+
+    def run(self) -> None:
+        import importlib.util
+
+        c = self.c
+        c.rule("[bold]7. Model update (signed release channel)[/bold]")
+        missing = [m for m in ("tuf", "securesystemslib", "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            c.print(f"  skipped: needs {', '.join(missing)}; run: pip install 'hybrid-edge-router[updates]' "
+                    "'hybrid-edge-router-tools[release]'", markup=False)
+            return
+        import tempfile
+
+        import logging
+
+        quiet = [logging.getLogger(n) for n in ("router.updates", "router.field")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:  # the stage prints what they would log (the alarm, the rollback) itself
+            lg.setLevel(logging.CRITICAL)
+        try:
+            with tempfile.TemporaryDirectory(prefix="hybrid-demo-release-") as tmp:
+                self._run(tmp)
+        finally:
+            for lg, level in zip(quiet, levels):
+                lg.setLevel(level)
+
+    def _predict_loop(self, router, k: int, stop) -> None:
+        import time
+
+        d = self.demo
+        i = k * 997
+        while not stop.is_set():
+            idx = i % len(d.labels)
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                p = router.predict(d.images[idx], deadline_ms=d.deadline_ms)
+            except Exception as exc:  # noqa: BLE001 -- a failed answer is what this stage counts
+                with self.lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            time.sleep(UPDATE_PACE_S)
+            with self.lock:
+                self.rows.append({"ms": ms, "ok": p.class_index == int(d.labels[idx]), "source": p.source,
+                                  "reason": p.reason.value, "fallback": p.fallback, "phase": self.phase,
+                                  "edge": p.model_version if p.source == "edge" else None})
+
+    def _wait(self, cond, what: str) -> float:
+        """Wait (bounded by the stage's time bound) for ``cond``; returns the seconds it took."""
+        import time
+
+        t0 = time.monotonic()
+        while not cond():
+            if time.monotonic() - t0 > self.bound:
+                raise TimeoutError(f"model update: {what} not seen within {self.bound:g} s")
+            time.sleep(0.005)  # polling step of a bounded wait
+        return time.monotonic() - t0
+
+    def _run(self, tmp: str) -> None:
+        import functools
+        import http.server
+        import threading
+        import time
+        from pathlib import Path
+
+        from router import Router
+        from router.policy import parse_policy
+        from router.updates import in_rollout
+        from router_tools import release as rel
+
+        c, d = self.c, self.demo
+        tmp = Path(tmp)
+        t_stage = time.monotonic()
+        repo = rel.Repo.at(tmp / "repo")
+        rel.create_keys(repo)
+        handler = functools.partial(_quiet_static(), directory=str(repo.public))
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = threading.Thread(target=httpd.serve_forever, name="demo-channel", daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        router = None
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        try:
+            c.print(f"  operator: 4 ed25519 keys (0600) in {repo.keys_dir.name}/, channel {url}", markup=False)
+            manifest, stand_in = release_manifest(tmp)
+            cal = rel.calibrate_on_validation(manifest, target_escalation=0.25)
+            golden = rel.golden_bytes(*rel.golden_from_test_split(manifest, 64))
+            c.print(f"  release {RELEASE_VERSION}{' (stand-in: bundled model re-versioned)' if stand_in else ''}: "
+                    f"threshold {cal['threshold']:.4g}", markup=False)
+            c.print(f"    ({cal['expected_escalation']:.0%} escalation on validation) and 64 golden answers",
+                    markup=False)
+            device, pos = cohort_device(RELEASE_VERSION, ROLLOUT_STEPS[0], ROLLOUT_STEPS[1])
+            data = {**self.policy_data, "audit_rate": UPDATE_AUDIT_RATE, "audit_queue": 256,
+                    "agreement_floor": UPDATE_FLOOR, "drift": {**self.policy_data["drift"], "rollback": True},
+                    "decision_log": False,
+                    "updates": {"enabled": True, "url": url, "root": str(repo.trust_anchor), "dir": str(tmp / "device"),
+                                "check_interval_s": 3600, "device_id": device}}
+            router = Router(parse_policy(data, "demo update policy"))
+            up = router.updater
+            self._wait(lambda: up.checks >= 1 and not up._cycle_lock.locked(), "the first check")
+            start = router.stats()["edge"]["version"]
+            c.print(f"  router under test: {device}, cohort position {pos:.3f}, answering {start}", markup=False)
+            self.lock = threading.Lock()
+            threads = [threading.Thread(target=self._predict_loop, args=(router, k, stop), name=f"demo-predict-{k}",
+                                        daemon=True) for k in range(UPDATE_THREADS)]
+            for t in threads:
+                t.start()
+            self._wait(lambda: len(self.rows) >= 30, "answers before the release")
+            fleet = [f"device-{i:04d}" for i in range(FLEET)]
+            update_ms = None
+            for share in ROLLOUT_STEPS:
+                t_pub = time.monotonic()
+                rel.publish(repo, manifest, rollout=share, golden=golden, calibration=cal)
+                up.wake()  # devices check every updates.check_interval_s; the demo checks at once
+                checks = up.checks
+                self._wait(lambda: up.checks > checks and not up._cycle_lock.locked(), "the check")
+                now = router.stats()["edge"]["version"]
+                takes = sum(in_rollout(f, RELEASE_VERSION, share) for f in fleet)
+                mine = "in" if in_rollout(device, RELEASE_VERSION, share) else "out"
+                c.print(f"  rollout {share:4.0%}: {takes:4d}/{FLEET} devices in cohort; router {mine}: answers {now}",
+                        markup=False)
+                if now == RELEASE_VERSION and update_ms is None:
+                    update_ms = ((time.monotonic() - t_pub) * 1000.0, router.stats()["edge"]["updates"]["last_update"])
+            seen = len(self.rows)
+            self._wait(lambda: len(self.rows) >= seen + 30, "answers after the swap")
+            with self.lock:
+                rows = [r for r in self.rows]
+            versions = sorted({r["edge"] for r in rows if r["edge"]})
+            late = sum(r["ms"] > d.deadline_ms for r in rows)
+            c.print(f"  {UPDATE_THREADS} threads predicting meanwhile: {len(rows)} answers, {len(self.errors)} failed, "
+                    f"{late} late (> {d.deadline_ms:g} ms)", markup=False)
+            c.print(f"  edge versions in those answers: {' -> '.join(versions)}", markup=False)
+            if update_ms is not None:
+                total, lu = update_ms
+                c.print(f"  update time: check saw {RELEASE_VERSION} -> swapped in {lu['swapped_ms']:.0f} ms", markup=False)
+                c.print(f"    (download {lu['downloaded_ms']:.0f} ms, load + validate "
+                        f"{lu['validated_ms'] - lu['downloaded_ms']:.0f} ms); publish -> answering {total:.0f} ms",
+                        markup=False)
+            # The bad release: verified, validated (its own golden set), installed; the field catches it.
+            bad = permuted_release(manifest, tmp / "bad", BAD_VERSION)
+            bad_golden = rel.golden_bytes(*rel.golden_from_test_split(bad, 64))
+            self.phase = "bad"
+            rel.publish(repo, bad, rollout=1.0, golden=bad_golden, calibration=cal)
+            up.wake()
+            self._wait(lambda: router.stats()["edge"]["version"] == BAD_VERSION or up.last_error is not None,
+                       "the bad release installed")
+            c.print(f"  bad release {BAD_VERSION} (outputs permuted; signed, golden set passes): "
+                    f"{'installed' if router.stats()['edge']['version'] == BAD_VERSION else up.last_error}",
+                    markup=False)
+            self._wait(lambda: (router.stats()["field"]["alarm"] or {}).get("rollback") is not None, "the rollback")
+            alarm = router.stats()["field"]["alarm"]
+            if alarm["kind"] == "agreement":
+                c.print(f"  shadow audits ({UPDATE_AUDIT_RATE:.0%} of confident answers) of {alarm['version']}: "
+                        f"{alarm['agreed']}/{alarm['audited']} agree", markup=False)
+                c.print(f"    with the cloud; upper bound {alarm['upper']:.2f} < agreement_floor {UPDATE_FLOOR:g}",
+                        markup=False)
+            else:
+                c.print(f"  {alarm['message']}", markup=False)
+            seen = len(self.rows)
+            self._wait(lambda: len(self.rows) >= seen + 20, "answers after the rollback")
+            stop.set()
+            for t in threads:
+                t.join(10)
+            after = router.stats()["edge"]["version"]
+            with self.lock:
+                rows = list(self.rows)
+            bad_rows = [r for r in rows if r["phase"] == "bad"]
+            late = sum(r["ms"] > d.deadline_ms for r in bad_rows)
+            c.print(f"  -> {alarm['kind']} alarm rolled {alarm['version']} back to {alarm['rollback']}; "
+                    f"answering now: {after}", markup=False)
+            refused = "now refused" if BAD_VERSION in router.updater.status()["refused"] else "NOT refused"
+            c.print(f"  since the bad release: {len(bad_rows)} answers, {len(self.errors)} failed, {late} late; "
+                    f"{BAD_VERSION} {refused}", markup=False)
+            elapsed = time.monotonic() - t_stage
+            ok = (after == RELEASE_VERSION and not self.errors and alarm["rollback"] == RELEASE_VERSION
+                  and update_ms is not None)
+            what = "staged rollout, live swap, bad release rolled back"
+            c.print(f"  [{'green' if ok else 'yellow'}]{'seen' if ok else 'NOT seen'} in {elapsed:.1f} s: {what}[/]")
+            s = d.summarize(rows)
+            s["cloud_calls"] = router.stats()["cloud_attempts"]
+            s["bytes_sent"], s["connections"], s["breaker"] = 0, 0, d.breaker(router)
+            d.results.append(("model update", s))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+            if router is not None:
+                router.close()
+            httpd.shutdown()
+            httpd.server_close()
+
+
+def _quiet_static():
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the channel's access log is not part of the demo's output
+            pass
+
+    return Quiet

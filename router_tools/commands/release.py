@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-golden", action="store_true", help="ship no golden set")
     q.add_argument("--golden-min-agreement", type=float, default=0.95,
                    help="share of the golden set a device must reproduce (default 0.95: INT8 kernels differ by CPU)")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--target-escalation", type=float, metavar="SHARE",
+                   help="calibrate on the validation split: the threshold escalating this share travels with the "
+                        "release (manifest calibration; devices use it unless updates.calibration: policy)")
+    g.add_argument("--threshold", type=float, help="ship this threshold, with the escalation it gives on validation")
     q.add_argument("--delta-from", action="append", default=[], metavar="VERSION",
                    help="also ship a zstd patch from this earlier release (repeatable)")
     q.add_argument("--timestamp-days", type=float, help="timestamp lifetime (default 7)")
@@ -71,9 +76,15 @@ def run(args: argparse.Namespace) -> int:
             golden = Path(args.golden).read_bytes()
         elif not args.no_golden and args.golden_samples > 0:
             golden = rel.golden_bytes(*rel.golden_from_test_split(Path(args.manifest), args.golden_samples))
+        calibration = None
+        if args.target_escalation is not None or args.threshold is not None:
+            calibration = rel.calibrate_on_validation(Path(args.manifest), target_escalation=args.target_escalation,
+                                                      threshold=args.threshold)
+            print(f"calibration on validation: threshold {calibration['threshold']:g}, escalation "
+                  f"{calibration['expected_escalation']:.1%}")
         entry = rel.publish(repo, args.manifest, rollout=args.rollout, golden=golden,
                             golden_min_agreement=args.golden_min_agreement, timestamp_days=args.timestamp_days,
-                            delta_from=tuple(args.delta_from))
+                            delta_from=tuple(args.delta_from), calibration=calibration)
         print(f"published {entry['version']} to {entry['rollout']:.0%} of devices "
               f"(targets v{entry['targets_version']}, golden set: {'yes' if entry['golden'] else 'no'}, "
               f"deltas from: {', '.join(entry.get('deltas', {})) or 'none'})")
