@@ -264,26 +264,30 @@ class Router:
     def _apply(self, policy: RoutingPolicy, source: str) -> RoutingPolicy:
         with self._lock:
             policy = guard_privacy(self._snap.policy, policy, self._pinned_privacy, source)
-            old = self._snap.policy
-            self._snap = replace(self._snap, policy=policy)  # what _swap_edge reads (max_pixels)
-            if policy.edge != old.edge:
-                edge, err = self._load_edge(policy, None, self._policy_path)
-                if edge is None:
-                    self._snap = replace(self._snap, policy=old)
-                    raise ConfigError(f"edge: {err}")
-                active = self._updater.active if self._updater is not None else None
-                if active is not None:  # a validated release stays: only updates.pin or a rollback replace it
-                    self._updater.set_base(edge)
-                    log.warning("%s changed edge: the installed release %s keeps answering; %s %s is now what a "
-                                "rollback returns to (set updates.pin, or call rollback_edge())", source, active,
-                                edge.name, edge.version)
-                else:
-                    if self._updater is not None:
+            prev = self._snap
+            old = prev.policy
+            self._snap = replace(prev, policy=policy)  # what _swap_edge reads (max_pixels)
+            try:
+                if policy.edge != old.edge:
+                    edge, err = self._load_edge(policy, None, self._policy_path)
+                    if edge is None:
+                        raise ConfigError(f"edge: {err}")
+                    active = self._updater.active if self._updater is not None else None
+                    if active is not None:  # a validated release stays: only updates.pin or a rollback replace it
                         self._updater.set_base(edge)
-                    self._swap_edge(edge, release=False)
+                        log.warning("%s changed edge: the installed release %s keeps answering; %s %s is now what "
+                                    "a rollback returns to (set updates.pin, or call rollback_edge())", source, active,
+                                    edge.name, edge.version)
+                    else:
+                        if self._updater is not None:
+                            self._updater.set_base(edge)
+                        self._swap_edge(edge, release=False)
+                self._snap = self._snapshot(policy, {s.key: s for s in self._snap.states})
+            except BaseException:
+                self._snap = prev
+                raise
             if self._updater is not None and policy.updates.pin != old.updates.pin:
                 self._updater.wake()  # a new pin is taken at once, not at the next interval
-            self._snap = self._snapshot(policy, {s.key: s for s in self._snap.states})
             if not policy.privacy_mode:
                 self._cloud.prepare(policy.cloud)
             log.info("routing policy reloaded (mode=%s threshold=%s privacy=%s)", policy.mode.value,

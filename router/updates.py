@@ -637,6 +637,7 @@ class EdgeUpdater:
     def status(self) -> dict[str, Any]:
         cur = self._current()
         return {"active": self._state["active"], "answering": cur.version if cur else None,
+                "base": self._base.version if self._base is not None else None,  # what a rollback ends at
                 "device_id": self.device_id, "checks": self.checks, "last_result": self.last_result,
                 "last_error": None if self.last_error is None else f"{type(self.last_error).__name__}: {self.last_error}",
                 "refused": dict(self._state["refused"]), "on_disk": self.on_disk(), "last_delta": self.last_delta,
