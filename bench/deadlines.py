@@ -9,16 +9,24 @@ thread and loop start-up, client set-up) land there. The *steady state* is later
 same process. The breaker is disabled so that every wave really waits on the network.
 
     .venv/bin/python bench/deadlines.py [--processes 10] [--waves 20] [--deadline-ms 50] [--json out.json]
+        [--concurrent 3] [--switch-intervals 0.001,0.0002] [--baseline DIR]
+
+Each wave also runs *control* sleepers (``--control`` threads and as many tasks on the apredict
+loop) that only sleep for the deadline: their lateness is what the OS scheduler and the GIL add
+to anything waking at that moment in that process, so the router's overrun can be told apart
+from the machine's. ``--concurrent K`` runs K worker processes at once (K x 18 threads on the
+cores: oversubscribed); ``--switch-intervals`` adds variants run under ``sys.setswitchinterval``.
 
 Worker mode (used by tests/test_router_deadlines.py): ``--worker URL`` runs one process's waves
-against URL and prints one JSON line ``{"first": {"sync": [...], "async": [...]}, "steady": {...}}``
-of overruns in milliseconds.
+against URL and prints one JSON line ``{"first": {"sync": [...], "async": [...], "control_sync": ...,
+"noise_ms": ...}, "steady": {...}}`` of overruns in milliseconds (``noise_ms``: the control's worst).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -67,7 +75,10 @@ class SilentServer:
         self.close()
 
 
-def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int) -> dict:
+def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, n_control: int = 2,
+           switch_interval: float | None = None) -> dict:
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
     from router import Router
     from router.policy import parse_policy
     from router_tools.datasets import load_test
@@ -84,8 +95,13 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int) 
     def wave() -> dict:
         sync_over: list[float] = [0.0] * n_sync
         async_over: list[float] = [0.0] * n_async
+        # The control: threads and tasks of the same wave that only sleep for the deadline. Their
+        # lateness is what the OS scheduler and the GIL add to *anything* waking at that moment
+        # in this process; the router's overrun beyond it is the router's own.
+        ctl_sync: list[float] = [0.0] * n_control
+        ctl_async: list[float] = [0.0] * n_control
         reasons: set[str] = set()
-        barrier = threading.Barrier(n_sync + 1)
+        barrier = threading.Barrier(n_sync + n_control + 1)
 
         def one(i: int) -> None:
             barrier.wait()
@@ -94,56 +110,65 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int) 
             sync_over[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
             reasons.add(p.reason.value)
 
+        def ctl(i: int) -> None:
+            barrier.wait()
+            t0 = time.monotonic()
+            time.sleep(deadline_s)
+            ctl_sync[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
+
         async def aone(i: int) -> None:
             t0 = time.monotonic()
             p = await router.apredict(images[n_sync + i], deadline_ms=deadline_ms)
             async_over[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
             reasons.add(p.reason.value)
 
+        async def actl(i: int) -> None:
+            t0 = time.monotonic()
+            await asyncio.sleep(deadline_s)
+            ctl_async[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
+
         async def fire() -> None:
             barrier.wait()
-            await asyncio.gather(*(aone(i) for i in range(n_async)))
-
-        # Scheduler noise, measured alongside: how late a 1 ms sleep in another thread wakes.
-        stop, noise = threading.Event(), [0.0]
-
-        def control() -> None:
-            while not stop.is_set():
-                t = time.monotonic()
-                time.sleep(0.001)
-                noise[0] = max(noise[0], (time.monotonic() - t - 0.001) * 1000.0)
+            await asyncio.gather(*(aone(i) for i in range(n_async)), *(actl(i) for i in range(n_control)))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n_sync)]
-        ctl = threading.Thread(target=control, daemon=True)
-        ctl.start()
+        threads += [threading.Thread(target=ctl, args=(i,)) for i in range(n_control)]
         for t in threads:
             t.start()
         asyncio.run(fire())
         for t in threads:
             t.join()
-        stop.set()
-        ctl.join()
-        return {"sync": sync_over, "async": async_over, "reasons": sorted(reasons), "noise_ms": noise[0]}
+        return {"sync": sync_over, "async": async_over, "control_sync": ctl_sync, "control_async": ctl_async,
+                "reasons": sorted(reasons), "noise_ms": max(ctl_sync + ctl_async + [0.0])}
 
     first = wave()
-    steady = {"sync": [], "async": [], "reasons": set(), "noise_ms": 0.0}
+    steady = {"sync": [], "async": [], "control_sync": [], "control_async": [], "reasons": set(), "noise_ms": 0.0,
+              "excess_sync": [], "excess_async": []}
     for _ in range(waves - 1):
         w = wave()
-        steady["sync"] += w["sync"]
-        steady["async"] += w["async"]
+        for k in ("sync", "async", "control_sync", "control_async"):
+            steady[k] += w[k]
+        for side in ("sync", "async"):  # per wave: the router's worst minus the control's worst
+            if w[side]:
+                steady[f"excess_{side}"].append(max(w[side]) - max(w[f"control_{side}"] or [0.0]))
         steady["reasons"] |= set(w["reasons"])
         steady["noise_ms"] = max(steady["noise_ms"], w["noise_ms"])
+    for side in ("sync", "async"):
+        if first[side]:
+            first[f"excess_{side}"] = [max(first[side]) - max(first[f"control_{side}"] or [0.0])]
     steady["reasons"] = sorted(steady["reasons"])
     router.close()
     return {"first": first, "steady": steady}
 
 
 def run_worker(url: str, n_sync: int = 8, n_async: int = 8, deadline_ms: float = 50.0, waves: int = 1,
-               timeout: float = 120.0, source: str | None = None) -> dict:
+               timeout: float = 120.0, source: str | None = None, switch_interval: float | None = None) -> dict:
     """One fresh interpreter's waves (the first one is what a new process sees); ``source``: a
     folder holding another version of the packages to measure instead (e.g. a baseline)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", url, "--sync", str(n_sync),
            "--async", str(n_async), "--deadline-ms", str(deadline_ms), "--waves", str(waves)]
+    if switch_interval is not None:
+        cmd += ["--switch-interval", str(switch_interval)]
     env = dict(os.environ)
     if source:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
@@ -164,48 +189,70 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--sync", type=int, default=8)
     ap.add_argument("--async", dest="n_async", type=int, default=8)
+    ap.add_argument("--control", type=int, default=2, help="control sleepers per side in every wave")
     ap.add_argument("--deadline-ms", type=float, default=50.0)
-    ap.add_argument("--processes", type=int, default=10, help="fresh processes, one first wave each")
+    ap.add_argument("--processes", type=int, default=10, help="fresh processes per variant, one first wave each")
     ap.add_argument("--waves", type=int, default=20, help="waves per process (the first is the first wave)")
+    ap.add_argument("--concurrent", type=int, default=1,
+                    help="worker processes running at once (more than the cores: oversubscribed)")
+    ap.add_argument("--switch-interval", type=float, default=None, help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--switch-intervals", default="",
+                    help="comma-separated sys.setswitchinterval values (s) to measure as variants too, e.g. 0.001")
     ap.add_argument("--baseline", metavar="DIR", help="also measure the packages in DIR (e.g. `git archive REV | "
                     "tar -x -C DIR`), process by process interleaved with this tree's")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sync, args.n_async, args.deadline_ms, args.waves)))
+        print(json.dumps(worker(args.worker, args.sync, args.n_async, args.deadline_ms, args.waves, args.control,
+                                args.switch_interval)))
         return 0
 
-    variants = {"this tree": None, **({"baseline": args.baseline} if args.baseline else {})}
-    data = {v: {"first_wave": {"sync": [], "async": []}, "steady": {"sync": [], "async": []}} for v in variants}
-    noise: list[float] = []
+    variants: dict[str, tuple[str | None, float | None]] = {"this tree": (None, None)}
+    for si in filter(None, args.switch_intervals.split(",")):
+        variants[f"this tree, switch {float(si) * 1000:g} ms"] = (None, float(si))
+    if args.baseline:
+        variants["baseline"] = (args.baseline, None)
+    keys = ("sync", "async", "control_sync", "control_async", "excess_sync", "excess_async")
+    data = {v: {"first_wave": {k: [] for k in keys}, "steady": {k: [] for k in keys}} for v in variants}
     reasons: set[str] = set()
-    with SilentServer() as server:
+    load = [os.getloadavg()[0]]
+    with SilentServer() as server, concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
         for _ in range(args.processes):
-            for name, source in variants.items():  # interleaved: machine noise hits both alike
-                r = run_worker(server.url, args.sync, args.n_async, args.deadline_ms, args.waves, source=source)
-                for side in ("sync", "async"):
-                    data[name]["first_wave"][side] += r["first"][side]
-                    data[name]["steady"][side] += r["steady"][side]
-                reasons |= set(r["first"]["reasons"]) | set(r["steady"]["reasons"])
-                noise += [r["first"]["noise_ms"], r["steady"]["noise_ms"]]
+            for name, (source, si) in variants.items():  # interleaved: machine noise hits them alike
+                runs = [pool.submit(run_worker, server.url, args.sync, args.n_async, args.deadline_ms, args.waves,
+                                    source=source, switch_interval=si) for _ in range(args.concurrent)]
+                for fut in runs:
+                    r = fut.result()
+                    for phase, src in (("first_wave", r["first"]), ("steady", r["steady"])):
+                        for k in keys:
+                            data[name][phase][k] += src.get(k, [])
+                    reasons |= set(r["first"]["reasons"]) | set(r["steady"]["reasons"])
+                load.append(os.getloadavg()[0])
     result = {
-        "scheduler_noise_ms": _dist(noise),
-        "deadline_ms": args.deadline_ms, "processes": args.processes, "waves": args.waves, "reasons": sorted(reasons),
-        "variants": {name: {phase: {s: _dist(v) for s, v in sides.items() if v} for phase, sides in d.items()}
+        "deadline_ms": args.deadline_ms, "processes": args.processes, "waves": args.waves,
+        "concurrent": args.concurrent, "reasons": sorted(reasons),
+        "load_average": {"min": min(load), "max": max(load)},
+        "variants": {name: {phase: {k: _dist(v) for k, v in sides.items() if v} for phase, sides in d.items()}
                      for name, d in data.items()},
     }
-    print(f"overrun past a {args.deadline_ms:g} ms deadline against a silent server "
-          f"({args.processes} fresh processes x {args.waves} waves of {args.sync} sync + {args.n_async} async; "
-          f"answers: {', '.join(sorted(reasons))}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
+    print(f"overrun past a {args.deadline_ms:g} ms deadline against a silent server ({args.processes} fresh "
+          f"processes x {args.waves} waves of {args.sync} sync + {args.n_async} async + {args.control} control "
+          f"sleepers per side; {args.concurrent} process(es) at once on {os.cpu_count()} cpus; answers: "
+          f"{', '.join(sorted(reasons))}; load average {min(load):.1f}..{max(load):.1f})")
+    print("  control = a thread / task of the same wave that only sleeps for the deadline (what the OS and the GIL")
+    print("  add to anything waking then); excess = per wave, the router's worst overrun minus the control's worst")
+    print(f"  {'variant':28s} {'phase':10s} {'side':5s} {'router max / p99 / median':>28s} "
+          f"{'control max / p99 / median':>28s} {'excess max / median':>21s}")
     for name, phases in result["variants"].items():
         for phase, sides in phases.items():
-            for side, d in sides.items():
-                print(f"  {name:10s} {phase:10s} {side:5s}  n={d['n']:5d}  max {d['max_ms']:+8.3f} ms  "
-                      f"p99 {d['p99_ms']:+8.3f} ms  median {d['median_ms']:+8.3f} ms")
-    n = result["scheduler_noise_ms"]
-    print(f"  scheduler noise (a 1 ms sleep's lateness, worst per wave set): max {n['max_ms']:.3f} ms  "
-          f"median {n['median_ms']:.3f} ms")
+            for side in ("sync", "async"):
+                if side not in sides:
+                    continue
+                d, c, e = sides[side], sides.get(f"control_{side}"), sides.get(f"excess_{side}")
+                fmt = lambda x: f"{x['max_ms']:+7.2f} / {x['p99_ms']:+7.2f} / {x['median_ms']:+7.2f}" if x else "-"
+                ex = f"{e['max_ms']:+7.2f} / {e['median_ms']:+7.2f}" if e else "-"
+                print(f"  {name:28s} {phase:10s} {side:5s} {fmt(d):>28s} {fmt(c):>28s} {ex:>21s}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

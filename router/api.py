@@ -26,6 +26,7 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
@@ -40,7 +41,7 @@ from router.audit import FieldMonitor
 from router.ab import ExperimentPlan
 from router.budget import budget_for
 from router.cloud import CloudClient
-from router.effects import CloudCall, LocalResult, LocalWork, Provisional, RouteRequest, Sleep
+from router.effects import CloudCall, CloudReply, LocalResult, LocalWork, Provisional, RouteRequest, Sleep
 from router.errors import CloudTimeout, ConfigError, EdgeError, InvalidInput, RouterError
 from router.flow import route
 from router.health import EndpointState
@@ -67,6 +68,27 @@ _FIRST_REQUEST_MODULES = (
     "anyio._backends._asyncio", "httpcore._async.connection_pool", "httpcore._async.http11", "httpcore._backends.anyio",
     "httpcore._sync.connection_pool", "httpcore._sync.http11", "httpcore._backends.sync",  # sync predict's path
 )
+
+
+class _AnswerCost:
+    """How long answering took, recently, after an escalation failed: from the failed attempt's
+    return to the caller getting its answer (the fallback built, telemetry recorded). When many
+    requests time out together (a wave of callers, one deadline) they queue for the GIL and the
+    last one pays for all; the flow keeps this much of the deadline back (at least the policy's
+    ``budget_reserve_ms``) so the attempts end early enough for every answer to be on time.
+
+    The worst of the last ``window`` failures, capped: a one-off stall ages out after that many."""
+
+    def __init__(self, window: int = 16, cap_s: float = 0.010) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+        self._cap = cap_s
+        self._lock = threading.Lock()
+        self.worst = 0.0  # read without the lock (one float)
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._recent.append(min(seconds, self._cap))
+            self.worst = max(self._recent)
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,7 @@ class Router:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._telemetry = Telemetry()
+        self._answer_cost = _AnswerCost()
         self._field = FieldMonitor(self)  # per-version counts, audits, drift alarm (router/audit.py)
         self._id_prefix, self._ids = os.urandom(4).hex(), itertools.count(1)  # unique per router, cheap per request
         self._edge, self._edge_error = self._load_edge(policy, edge_model, self._policy_path)
@@ -355,6 +378,8 @@ class Router:
             normalised=bool(normalised),
             budget=budget,
             arm=arm,
+            reserve_s=(self._answer_cost.worst if self._answer_cost.worst * 1000.0 > policy.budget_reserve_ms
+                       else None),
         )
 
     # ------------------------------------------------------------------ local work (no I/O)
@@ -447,6 +472,7 @@ class Router:
         open for :mod:`router.progressive` to resume)."""
         attempts = 0
         local = None
+        failed_at = None
         try:
             effect = gen.send(None)
             while True:
@@ -456,6 +482,7 @@ class Router:
                 elif kind is CloudCall:
                     attempts += 1
                     result = self._cloud_sync(effect)
+                    failed_at = None if type(result) is CloudReply else time.perf_counter()
                 elif kind is Sleep:
                     time.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
@@ -470,6 +497,8 @@ class Router:
                 self._telemetry.record_failure(exc, attempts)
             raise
         self._record(req, outcome, local)
+        if failed_at is not None:
+            self._answer_cost.observe(time.perf_counter() - failed_at)
         return outcome.predictions
 
     def _record(self, req: RouteRequest, outcome, local: LocalResult | None = None) -> None:
@@ -552,6 +581,7 @@ class Router:
         loop = asyncio.get_running_loop()
         attempts = 0
         local = None
+        failed_at = None
         try:
             effect = gen.send(None)
             while True:
@@ -568,6 +598,7 @@ class Router:
                     attempts += 1
                     self._start_probe()
                     result = await self._cloud_async(effect)
+                    failed_at = None if type(result) is CloudReply else time.perf_counter()
                 elif kind is Sleep:
                     await asyncio.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
@@ -582,6 +613,8 @@ class Router:
                 self._telemetry.record_failure(exc, attempts)
             raise
         self._record(req, outcome, local)
+        if failed_at is not None:
+            self._answer_cost.observe(time.perf_counter() - failed_at)
         return outcome.predictions
 
     async def _cloud_async(self, call: CloudCall):

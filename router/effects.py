@@ -101,6 +101,9 @@ class RouteRequest:
     budget: Any = None  # router.budget.EscalationBudget, when the policy caps escalations
     arm: Optional[str] = None  # the A/B arm this request was assigned to
     progressive: bool = False  # yield a Provisional answer before escalating (router.progressive)
+    # Seconds kept back to answer locally after a failed escalation; None: the policy's
+    # budget_reserve_ms. The router raises it to what answering after a failure has recently cost.
+    reserve_s: Optional[float] = None
 
 
 @dataclass

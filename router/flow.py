@@ -61,7 +61,7 @@ class _LazyViews(Sequence):
 def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, Any, RouteOutcome]:
     """One request as a generator of effects; returns a :class:`RouteOutcome` or raises a RouterError."""
     policy = req.policy
-    reserve = policy.budget_reserve_ms / 1000.0
+    reserve = policy.budget_reserve_ms / 1000.0 if req.reserve_s is None else req.reserve_s
     local: LocalResult = yield LocalWork(req.images, req.mode is not Mode.CLOUD_ONLY, req.normalised)
     n = len(local.x)
     cls: list[int] = []
@@ -148,8 +148,15 @@ def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixe
     # an escalation's client time, py-spy).
     retrying = state = None
 
-    def failed(exc: BaseException, tb=None) -> None:
-        nonlocal retrying, state
+    tries = 0
+
+    def failed(exc: BaseException, tb=None) -> bool:
+        """Record a failed try; True when no other try can follow (what tenacity would decide
+        too, since it stops on any of these, without building its machinery or asking it)."""
+        nonlocal retrying, state, tries
+        tries += 1
+        if tries >= cloud.retry.max_attempts or clock() + cloud.min_attempt_ms / 1000.0 > req.deadline - reserve:
+            return True
         if state is None:
             retrying = make_retrying(
                 cloud.retry, clock=clock, deadline=req.deadline, reserve_s=reserve,
@@ -158,6 +165,7 @@ def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixe
             retrying.begin()
             state = RetryCallState(retrying, fn=None, args=(), kwargs={})
         state.set_exception((type(exc), exc, tb))
+        return False
 
     do = _FIRST_ATTEMPT
     while True:
@@ -169,13 +177,17 @@ def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixe
         if isinstance(do, DoAttempt):
             ep = pick()
             if ep is None or not ep.breaker.acquire():
-                failed(error or CircuitOpen("every endpoint's breaker is open"))
+                outcome = error or CircuitOpen("every endpoint's breaker is open")
+                if failed(outcome):
+                    return None, None, outcome, attempts, bytes_sent
                 continue
             now = clock()
             timeout = min(cloud.per_try_timeout_ms / 1000.0, req.deadline - now - reserve)
             if timeout * 1000.0 < cloud.min_attempt_ms:
                 ep.breaker.release()
-                failed(error or CloudTimeout("the deadline left no time for an attempt", endpoint=ep.endpoint.label))
+                outcome = error or CloudTimeout("the deadline left no time for an attempt", endpoint=ep.endpoint.label)
+                if failed(outcome):
+                    return None, None, outcome, attempts, bytes_sent
                 continue
             tried.add(ep.key)
             attempts += 1
@@ -190,7 +202,8 @@ def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixe
                 return outcome, ep, None, attempts, bytes_sent
             _record_failure(ep, outcome)
             last_error[ep.key] = error = outcome
-            failed(outcome, outcome.__traceback__)
+            if failed(outcome, outcome.__traceback__):
+                return None, None, outcome, attempts, bytes_sent
         elif isinstance(do, DoSleep):
             state.prepare_for_next_attempt()
             if float(do) > 0:  # failover to a fresh endpoint does not wait

@@ -27,3 +27,83 @@ def test_first_and_later_waves_answer_by_the_deadline_against_a_silent_server():
         assert max(wave["sync"]) < bound, (phase, wave)
         assert max(wave["async"]) < bound, (phase, wave)
     assert server.held  # the router really connected and waited
+
+
+class DripServer:
+    """A real loopback server that answers every request with a status line and then one header
+    byte every ``every_s`` for ever: each socket read succeeds in time, so only a deadline on the
+    whole exchange (not per read) ends the attempt."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        import socket
+        import threading
+
+        self.every_s = every_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self.served = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        try:
+            conn.recv(65536)
+            self.served += 1
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            while not self._stop.wait(self.every_s):
+                conn.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def test_a_server_dripping_bytes_cannot_hold_an_attempt_past_its_deadline():
+    """Sync predict's attempts run in the caller's thread with every socket operation cut to the
+    attempt's absolute end (not httpx's per-read timeout); apredict's under asyncio.timeout."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from router import Router
+    from router.policy import parse_policy
+
+    server = DripServer()
+    try:
+        policy = parse_policy({"confidence_threshold": 1.0, "decision_log": False,
+                               "cloud": {"endpoints": [{"url": server.url, "initial_latency_ms": 1}],
+                                         "retry": {"max_attempts": 1}, "health_probe_interval_s": 0}})
+        img = np.zeros((28, 28), np.uint8)
+        with Router(policy) as router:
+            for _ in range(3):
+                t0 = time.monotonic()
+                p = router.predict(img, deadline_ms=150)
+                assert time.monotonic() - t0 < 0.150 + HANG_MS / 1000.0
+                assert p.source == "edge" and p.reason.value == "cloud_error"
+
+            async def one():
+                t0 = time.monotonic()
+                p = await router.apredict(img, deadline_ms=150)
+                return time.monotonic() - t0, p
+
+            took, p = asyncio.run(one())
+            assert took < 0.150 + HANG_MS / 1000.0
+            assert p.source == "edge" and p.reason.value == "cloud_error"
+        assert server.served >= 1  # the attempts really reached the server and were dripped on
+    finally:
+        server.close()
