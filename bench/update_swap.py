@@ -52,7 +52,7 @@ from router import Router  # noqa: E402
 from router.ab import wilson  # noqa: E402
 from router.policy import parse_policy  # noqa: E402
 from router_tools import release as rel  # noqa: E402
-from router_tools.commands.demo import release_manifest  # noqa: E402
+from router_tools.commands.demo import release_calibration, release_manifest  # noqa: E402
 from router_tools.datasets import load_test  # noqa: E402
 
 BUNDLED = ARTIFACTS_DIR / "edge-int8.json"
@@ -181,7 +181,7 @@ def field(release: Path, n: int, audit_rate: float) -> dict:
             x = model.preprocess_batch(images)
             probs = model.predict_proba(x)
             tops[model.version] = probs.argmax(axis=1)
-            cal = rel.calibrate_on_validation(manifest, target_escalation=0.25)
+            cal = release_calibration(manifest)  # its manifest's, else 25 % on validation
             pol = parse_policy({"decision_log": False, "default_deadline_ms": 5000,
                                 "confidence_threshold": cal["threshold"], "audit_rate": audit_rate,
                                 "audit_queue": 10_000, "cloud": {"endpoints": [{"url": svc.url, "name": "svc"}],

@@ -564,6 +564,18 @@ def release_manifest(tmp) -> tuple["Path", bool]:
     return out / "manifest.json", True
 
 
+def release_calibration(manifest_path) -> dict:
+    """The release's own calibration when its manifest carries one, else measured now on the
+    validation split for 25 % escalation (what ``release publish --target-escalation 0.25`` ships)."""
+    from edge_model.manifest import Manifest
+    from router_tools import release as rel
+
+    cal = Manifest.load(manifest_path).calibration
+    if cal is not None and cal.threshold is not None and cal.expected_escalation is not None:
+        return cal.model_dump()
+    return rel.calibrate_on_validation(manifest_path, target_escalation=0.25)
+
+
 def permuted_release(manifest_path, folder, version: str):
     """A deliberately bad release: ``manifest_path``'s graph with its output classes rotated by one.
     Same labels, input and calibration, valid probabilities, its own golden set: it validates and
@@ -703,12 +715,12 @@ class UpdateStage:
         try:
             c.print(f"  operator: 4 ed25519 keys (0600) in {repo.keys_dir.name}/, channel {url}", markup=False)
             manifest, stand_in = release_manifest(tmp)
-            cal = rel.calibrate_on_validation(manifest, target_escalation=0.25)
+            cal = release_calibration(manifest)
             golden = rel.golden_bytes(*rel.golden_from_test_split(manifest, 64))
             c.print(f"  release {RELEASE_VERSION}{' (stand-in: bundled model re-versioned)' if stand_in else ''}: "
                     f"threshold {cal['threshold']:.4g}", markup=False)
-            c.print(f"    ({cal['expected_escalation']:.0%} escalation on validation) and 64 golden answers",
-                    markup=False)
+            c.print(f"    ({cal['expected_escalation']:.0%} escalation on {cal.get('split') or 'validation'}) and 64 "
+                    "golden answers", markup=False)
             device, pos = cohort_device(RELEASE_VERSION, ROLLOUT_STEPS[0], ROLLOUT_STEPS[1])
             data = {**self.policy_data, "audit_rate": UPDATE_AUDIT_RATE, "audit_queue": 256,
                     "agreement_floor": UPDATE_FLOOR, "drift": {**self.policy_data["drift"], "rollback": True},
