@@ -48,7 +48,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Optional
 
-import httpx
 import numpy as np
 from pydantic import ValidationError
 
@@ -79,6 +78,21 @@ from router.health import EndpointState
 from router.policy import CloudSettings, Endpoint, is_loopback_url
 
 log = logging.getLogger("router.cloud")
+
+
+class _Httpx:
+    """The ``httpx`` module, imported at its first use: :meth:`CloudClient.prepare` does that at
+    construction when the policy has endpoints (so no request pays for it); a router without
+    endpoints, or under privacy, never loads the network stack (httpx pulls in its CLI's
+    rich/pygments/click when they are installed: ~0.1 s of a cold start)."""
+
+    def __getattr__(self, name: str):
+        import httpx
+
+        return getattr(httpx, name)
+
+
+httpx = _Httpx()
 
 OVERLOADED_STATUS = {429, 503}
 GATEWAY_STATUS = {502, 504}
@@ -363,6 +377,7 @@ def _preload_async_stack() -> None:
     block the caller's event loop. Importing opens nothing; it just moves that cost here."""
     import anyio  # noqa: F401
     import h11  # noqa: F401
+    import httpx  # noqa: F401
     import httpcore._backends.sync  # noqa: F401 -- sync predict's attempts (_DeadlineBackend)
     import httpcore._sync.connection_pool  # noqa: F401
     import httpcore._async.connection_pool  # noqa: F401
