@@ -156,7 +156,8 @@ def bench_edge(rounds: int, n: int) -> dict:
     from router import Router
     from router.policy import parse_policy
 
-    router = Router(parse_policy({"confidence_threshold": 0.0, "decision_log": False}), privacy=True)
+    # Threshold 0: every answer is the edge's, reason "confident" (no endpoint: nothing may leave).
+    router = Router(parse_policy({"confidence_threshold": 0.0, "decision_log": False, "cloud": {"endpoints": []}}))
     edge = router.edge_model
     xs, _ = _confident_inputs(edge)
     session, name, outs = edge.session, edge.input_name, [edge.manifest.output_name]
@@ -169,7 +170,7 @@ def bench_edge(rounds: int, n: int) -> dict:
     def predict(k):
         for i in range(k):
             p = router.predict(xs[i % 256], normalised=True)
-        assert p.source == "edge"
+        assert p.source == "edge" and p.reason.value == "confident", p
 
     per = _interleave({"raw session.run": raw1, "predict confident": predict}, rounds, n)
     results["b"] = {"predict confident": _ratio(per, "predict confident", "raw session.run")}

@@ -394,6 +394,15 @@ class Router:
             if not np.isfinite(image).all():
                 raise InvalidInput("array contains NaN or infinite values")
             return self._run_edge(work, image[None], None, labels)
+        if (n > 1 and work.normalised and cfg.codec != "tensor"
+                and all(type(im) is np.ndarray and im.dtype == cfg.np_dtype and im.shape == cfg.sample_shape
+                        for im in work.images)):
+            # A batch of declared model input: one stack (a copy: the caller's arrays are never
+            # aliased) and one finiteness check instead of ~13 us of checks per image.
+            x = np.stack(work.images)
+            if np.isfinite(x).all():
+                return self._run_edge(work, x, None, labels)
+            # otherwise the per-image path below names the image at fault
         tensor = cfg.codec == "tensor"  # a model whose app encodes its input: no pixels, no decoding
         x = np.empty((n, *cfg.sample_shape), dtype=cfg.np_dtype) if not tensor else None
         pixels: np.ndarray | None = None if tensor else np.empty((n, *cfg.pixel_shape), dtype=np.uint8)

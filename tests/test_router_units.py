@@ -249,3 +249,26 @@ def test_relative_edge_manifest_resolves_against_the_policy_file(tmp_path, monke
     monkeypatch.chdir(tmp_path / "models")  # a working directory from which the path would not resolve
     with Router.from_config(conf / "policy.yaml") as r:
         assert r.edge_model is not None and r.edge_model.manifest_path.resolve() == (models / "edge-int8.json").resolve()
+
+
+def test_a_batch_of_declared_model_input_matches_single_predicts_and_names_a_bad_image():
+    """predict_batch's stacked path for normalised float input gives the per-image answers, never
+    aliases the caller's arrays, and still says which image is not finite."""
+    import numpy as np
+    import pytest
+
+    from edge_model.preprocess import preprocess
+    from router import InvalidInput, Router
+    from router.policy import parse_policy
+    from router_tools.datasets import load_test
+
+    with Router(parse_policy({"confidence_threshold": 0.0, "decision_log": False,
+                              "cloud": {"endpoints": []}})) as router:
+        xs = [preprocess(im, router.edge_model.preprocess_config) for im in load_test().images[:8]]
+        batch = router.predict_batch(xs, normalised=True)
+        single = [router.predict(x, normalised=True) for x in xs]
+        assert [(p.label, round(p.confidence, 6)) for p in batch] == [(p.label, round(p.confidence, 6)) for p in single]
+        bad = [x.copy() for x in xs]
+        bad[3][0, 0, 0] = np.nan
+        with pytest.raises(InvalidInput, match="image 3"):
+            router.predict_batch(bad, normalised=True)
