@@ -1,6 +1,7 @@
 """Train, export, quantize and calibrate the two shipped models (needs the ``train`` extra).
 
     python -m router_tools.train edge  [--data-dir DIR] [--epochs N] [--seed S] [--out DIR]
+    hybrid-router train edge --recipe edge-1.1    (edge 1.1.0 -> router_tools/data/releases/edge-1.1.0/)
     python -m router_tools.train cloud [...]
     hybrid-router train edge|cloud [...]          (same thing)
     hybrid-router train cloud --member 0 & hybrid-router train cloud --member 1; \
@@ -36,13 +37,22 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = {
     "edge": PACKAGE_ROOT / "edge_model" / "artifacts",
     "cloud": PACKAGE_ROOT / "cloud_service" / "artifacts",
+    # Released (not bundled) models: published through the signed channel (``hybrid-router release``).
+    "edge-1.1": PACKAGE_ROOT / "router_tools" / "data" / "releases" / "edge-1.1.0",
 }
+# Manifest version a named recipe writes unless --version says otherwise.
+RECIPE_VERSION = {"edge-1.1": "1.1.0"}
+# Escalation share a named recipe's INT8 manifest is calibrated to on the validation split
+# (the bundled 1.0.1's: the shipped policy's threshold 0.8987 escalates 25 % there).
+RECIPE_CALIBRATION = {"edge-1.1": 0.25}
 
 
 @dataclass
 class Recipe:
     kind: str
     epochs: int
+    # Network of ``build_model``; None: the kind's original one.
+    arch: str | None = None
     batch_size: int = 128
     lr: float = 0.05
     weight_decay: float = 5e-4
@@ -66,6 +76,9 @@ RECIPES = {
     # flip_tta off: on the validation split it gained one image in 5000 (+0.02 pt) for twice the FLOPs,
     # and the service's throughput paid for it (bench/cloud_throughput.py).
     "cloud": Recipe(kind="cloud", epochs=30, lr=0.05, weight_decay=5e-4, erase_p=0.5, channels_last=True),
+    # Edge 1.1.0: twice 1.0's FLOPs (still <= 1/20 of the cloud's) spent where INT8 pays at batch 1 on
+    # AVX2 (see build_model). 6 epochs: trained on 2 cores shared with other jobs (~4-7 min an epoch).
+    "edge-1.1": Recipe(kind="edge", arch="edge-1.1", epochs=6, lr=0.05, weight_decay=3e-4, channels_last=True),
 }
 # The cloud model is an ensemble of members that share the architecture and differ in seed
 # (recipe seed + index) and regularisation; the graph averages their log-probabilities.
@@ -73,14 +86,15 @@ RECIPES = {
 MEMBERS = {
     "edge": ({},),
     "cloud": ({}, {"dropout": (0.0, 0.0, 0.0, 0.3), "label_smoothing": 0.1}),
+    "edge-1.1": ({},),
 }
 
 
 def build_model(kind: str, dropout: tuple[float, ...] = Recipe.dropout):
     import torch.nn as nn
 
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    def block(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     if kind == "edge":
         # 1.47 M MACs: three conv stages and a linear head; sized to stay under 1/20 of the cloud model's FLOPs.
@@ -89,6 +103,20 @@ def build_model(kind: str, dropout: tuple[float, ...] = Recipe.dropout):
             *block(16, 32), nn.MaxPool2d(2),         # 7x7
             *block(32, 32), nn.MaxPool2d(2),         # 3x3
             nn.Flatten(), nn.Linear(32 * 9, 10),
+        ]
+    elif kind == "edge-1.1":
+        # 2.77 M MACs (5.53 MFLOPs, 1/21 of the cloud's). Shaped so that the INT8 graph beats its FP32
+        # twin at batch 1 on an AVX2 CPU without VNNI (1.0's INT8 is ~1.3x slower than its twin there):
+        # a 1-channel conv is the slowest layer in INT8 (K = 9: no GEMM to win, requantising a
+        # full-size output), so the stem has stride 2 and works at 14x14; the MACs sit in convs with
+        # 32 input channels where the U8S8 GEMM beats the FP32 one; global average pooling
+        # instead of a 3x3 flatten removes the NHWC->NCHW transpose and the larger QGemm at the end.
+        # (bench/edge_latency.py --edge router_tools/data/releases/edge-1.1.0/edge-int8.json)
+        layers = [
+            *block(1, 32, stride=2),                 # 14x14
+            *block(32, 32), nn.MaxPool2d(2),         # 7x7
+            *block(32, 64),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
         ]
     elif kind == "cloud":
         layers = [
@@ -99,7 +127,7 @@ def build_model(kind: str, dropout: tuple[float, ...] = Recipe.dropout):
             nn.Dropout(dropout[3]), nn.Linear(256, 10),
         ]
     else:
-        raise SystemExit(f"unknown model kind {kind!r} (edge or cloud)")
+        raise SystemExit(f"unknown model architecture {kind!r} (edge, edge-1.1 or cloud)")
     return nn.Sequential(*layers)
 
 
@@ -185,7 +213,7 @@ def train_torch(recipe: Recipe, train: ds.Split, log=print):
 
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = build_model(recipe.kind, recipe.dropout)
+    model = build_model(recipe.arch or recipe.kind, recipe.dropout)
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x_all = torch.from_numpy(normalise(train.images))
@@ -308,6 +336,7 @@ def _metrics(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict
 
 def member_recipe(kind: str, index: int, *, seed: int = 0, epochs: int | None = None,
                   train_limit: int | None = None) -> Recipe:
+    """``kind``: a key of ``RECIPES`` (a model kind or a named recipe such as ``edge-1.1``)."""
     base = RECIPES[kind]
     return Recipe(**{**asdict(base), **MEMBERS[kind][index], "seed": seed + index,
                      "epochs": epochs or base.epochs, "train_limit": train_limit})
@@ -318,30 +347,38 @@ def weights_path(out: Path, kind: str, index: int) -> Path:
 
 
 def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=None, eval_limit=None, version=None,
-        members=None, log=None) -> Manifest | None:
+        members=None, log=None, recipe: str | None = None) -> Manifest | None:
     """Train the members listed in ``members`` (default: all), each saved as torch weights in ``out``
     (git-ignored; fine-tuning needs them), then -- once every member's weights are there -- export,
     quantize and package. Training members in separate processes (``--member I``) and packaging
-    afterwards (``--package``) gives the same artifact as one sequential run."""
+    afterwards (``--package``) gives the same artifact as one sequential run.
+
+    ``recipe``: a named recipe of that kind (``edge-1.1``) instead of the kind's own; it has its own
+    default output directory and manifest version."""
     import functools
 
     import torch
 
     log = log or functools.partial(print, flush=True)
-    out = Path(out or DEFAULT_OUT[kind])
+    name = recipe or kind
+    if name not in RECIPES or RECIPES[name].kind != kind:
+        choices = ", ".join(k for k, r in RECIPES.items() if r.kind == kind)
+        raise SystemExit(f"unknown {kind} recipe {name!r}: choose one of {choices}")
+    out = Path(out or DEFAULT_OUT[name])
     out.mkdir(parents=True, exist_ok=True)
-    n = len(MEMBERS[kind])
+    n = len(MEMBERS[name])
     todo = range(n) if members is None else members
     for i in todo:
         if not 0 <= i < n:
             raise SystemExit(f"{kind} has members 0..{n - 1}, not {i}")
     train = ds.load_train(data_dir).head(train_limit) if todo else None
     for i in todo:
-        recipe = member_recipe(kind, i, seed=seed, epochs=epochs, train_limit=train_limit)
+        member = member_recipe(name, i, seed=seed, epochs=epochs, train_limit=train_limit)
         t0 = time.perf_counter()
-        model = train_torch(recipe, train, log=log)
-        info = {**asdict(recipe), "train_images": len(train), "train_seconds": round(time.perf_counter() - t0),
-                "torch": str(torch.__version__), "optimizer": "SGD nesterov + OneCycle"}
+        model = train_torch(member, train, log=log)
+        info = {**asdict(member), "recipe_name": name, "train_images": len(train),
+                "train_seconds": round(time.perf_counter() - t0), "torch": str(torch.__version__),
+                "torch_threads": torch.get_num_threads(), "optimizer": "SGD nesterov + OneCycle"}
         torch.save({"recipe": info, "state_dict": model.state_dict()}, weights_path(out, kind, i))
 
     missing = [str(weights_path(out, kind, i)) for i in range(n) if not weights_path(out, kind, i).exists()]
@@ -353,7 +390,7 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
     saved = [torch.load(weights_path(out, kind, i), weights_only=True) for i in range(n)]
     recipes, models = [ck["recipe"] for ck in saved], []
     for ck in saved:
-        model = build_model(kind, tuple(ck["recipe"]["dropout"]))
+        model = build_model(ck["recipe"].get("arch") or kind, tuple(ck["recipe"]["dropout"]))
         model.load_state_dict(ck["state_dict"])
         models.append(model.eval())
     model = build_ensemble(models)
@@ -361,7 +398,7 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
 
     fp32 = out / f"{kind}-fp32.onnx"
     export_onnx(model, fp32)
-    tta = RECIPES[kind].flip_tta  # a property of the packaged graph, not of its members
+    tta = RECIPES[name].flip_tta  # a property of the packaged graph, not of its members
     if tta:
         add_flip_tta(fp32, fp32)
         flops *= 2
@@ -371,7 +408,7 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
         # Calibration images: the first 1000 of the held-out validation split (labels unused).
         quantize_int8(fp32, files["int8"], val.images[:1000])
 
-    version = version or time.strftime("%Y%m%d") + f"-s{seed}"
+    version = version or RECIPE_VERSION.get(name) or time.strftime("%Y%m%d") + f"-s{seed}"
     recipe_info = {**recipes[0], "flip_tta": tta}
     if tta:
         recipe_info["tta"] = "hflip"
@@ -389,6 +426,16 @@ def run(kind: str, *, data_dir=None, epochs=None, seed=0, out=None, train_limit=
                            twin=fp32.name if precision == "int8" else None, log=log)
         for precision, path in files.items()
     }
+    if name in RECIPE_CALIBRATION and "int8" in manifests:
+        # A release carries its routing calibration (edge_model/manifest.py ``calibration``).
+        from edge_model.manifest import Calibration
+        from router_tools.release import calibrate_on_validation
+
+        path = files["int8"].with_suffix(".json")
+        cal = calibrate_on_validation(path, target_escalation=RECIPE_CALIBRATION[name])
+        manifests["int8"] = manifests["int8"].model_copy(update={"calibration": Calibration(**cal)})
+        manifests["int8"].save(path)
+        log(f"[{kind}/int8] calibration {json.dumps(cal)}")
     return manifests.get("int8") or manifests["fp32"]
 
 

@@ -7,6 +7,9 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["edge", "cloud"])
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a named recipe of that kind instead of its default, e.g. edge-1.1 (edge model 1.1.0, "
+                        "written to router_tools/data/releases/edge-1.1.0/ unless --out says otherwise)")
     p.add_argument("--data-dir", help="directory with train-*-ubyte.gz (default: the Debian dataset-fashion-mnist path)")
     p.add_argument("--epochs", type=int, help="override the recipe's epoch count")
     p.add_argument("--seed", type=int, default=0)
@@ -27,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         from router_tools import train
     except ImportError as exc:
         raise SystemExit(f"training needs torch and onnx: pip install torch==2.13.0 'hybrid-edge-router-tools[train]' ({exc})") from None
+    if args.recipe and args.recipe not in train.RECIPES:
+        raise SystemExit(f"unknown recipe {args.recipe!r}: choose one of {', '.join(train.RECIPES)}")
     if args.apply_flip_tta:
         from pathlib import Path
 
@@ -35,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     members = [] if args.package else args.member
     train.run(args.kind, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed, out=args.out,
-              train_limit=args.train_limit, version=args.version, members=members)
+              train_limit=args.train_limit, version=args.version, members=members,
+              recipe=args.recipe)
     return 0

@@ -147,3 +147,18 @@ def test_cloud_members_trained_apart_package_to_the_same_model(cloud_run, tmp_pa
     np.testing.assert_allclose(repackaged, together, atol=1e-5)
     with pytest.raises(SystemExit, match="members 0..1"):
         train.run("cloud", members=[2], **kw)
+
+
+def test_named_recipe_edge_1_1(tmp_path, eval_inputs):
+    """``hybrid-router train edge --recipe edge-1.1``: its own network, version and calibration."""
+    from router_tools import train
+
+    m = train.run("edge", recipe="edge-1.1", epochs=1, train_limit=256, eval_limit=200, out=tmp_path, log=lambda _: None)
+    assert m.version == "1.1.0" and m.precision == "int8" and m.twin == "edge-fp32.onnx"
+    assert m.recipe["recipe_name"] == "edge-1.1" and m.recipe["arch"] == "edge-1.1"
+    assert m.flops == train.count_flops(train.build_model("edge-1.1"))[0] != train.count_flops(train.build_model("edge"))[0]
+    assert m.calibration is not None and m.calibration.expected_escalation == pytest.approx(0.25, abs=0.01)
+    assert Manifest.load(tmp_path / "edge-int8.json").calibration == m.calibration
+    _check_artifact(tmp_path / "edge-int8.json", eval_inputs)
+    with pytest.raises(SystemExit, match="unknown edge recipe 'cloud'"):
+        train.run("edge", recipe="cloud", out=tmp_path, log=lambda _: None)
