@@ -1,8 +1,11 @@
 """``Router``: the one ``predict()`` client apps call -- thin sync and async shells over the
 sans-I/O request flow in :mod:`router.flow`.
 
-* ``predict`` runs the edge inline in the caller's thread; only an escalation hands one attempt
-  to the router's private I/O thread (:mod:`router._io`, an asyncio loop with a pooled httpx client).
+* ``predict`` runs everything in the caller's thread: the edge, and an escalation's attempts over
+  a pooled synchronous httpcore connection whose every socket operation is cut to the attempt's
+  absolute end (no event loop, no thread hop: those were a third of an escalation's client time).
+  Only rows that must be split into concurrent requests (``max_batch_size``) or an injected
+  transport go to the router's private I/O thread (:mod:`router._io`, an asyncio loop, httpx).
 * ``apredict`` runs preprocessing + edge inference in a worker thread (ONNX never blocks the
   caller's event loop) and awaits cloud attempts on the caller's loop.
 * Every cloud attempt ends at an absolute point in time fixed by the flow, whoever runs it and

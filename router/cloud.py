@@ -1,4 +1,6 @@
-"""The router's Open Inference Protocol v2 client (httpx, async, pooled, keep-alive).
+"""The router's Open Inference Protocol v2 client (pooled, keep-alive): async over httpx for
+``apredict`` and the I/O thread; synchronous over httpcore's pool in the caller's thread for
+``predict`` (:meth:`CloudClient.infer_sync`, no event loop and no thread hop).
 
 Message building and parsing are pure functions over :mod:`oip.protocol` (the one
 wire-protocol module); :class:`CloudClient` is the thin I/O shell around them. It works with any
@@ -10,7 +12,8 @@ conforming v2 server -- ours, Triton, KServe, MLServer:
   fields and extra fields;
 * carries the request's remaining budget as ``parameters.timeout`` (microseconds, as Triton);
 * bounds every attempt by its share of the deadline with ``asyncio.timeout`` (httpx's own
-  timeouts are per phase, so they alone could add up past the deadline);
+  timeouts are per phase, so they alone could add up past the deadline); a sync attempt cuts
+  each socket operation (connect, TLS, write, read, pool wait) to the attempt's absolute end;
 * translates httpx errors and HTTP statuses into the :mod:`router.errors` tree where they enter;
 * compares the labels a server publishes in its model metadata (``parameters.labels_json``,
   ``labels_sha256`` or ``labels``) with the edge's at the first contact: a mismatch makes the
