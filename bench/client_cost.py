@@ -7,7 +7,8 @@ and its spread (min..max over rounds). Goals from issue #13 in brackets.
   (a) escalated  ``Router.predict`` (threshold 1.0: every image goes to the real service on
       loopback) vs a pooled synchronous ``httpx.Client`` POST of the same v2 body to the same
       service (reading the body; ``+parse``: and decoding the JSON)                 [<= 1.15x]
-      ``apredict`` escalated is shown too (one event loop, awaited serially).
+      ``predict(mode="cloud_only")`` (the same without the edge inference that an escalation
+      runs first) and ``apredict`` escalated (one event loop, awaited serially) are shown too.
   (b) confident ``Router.predict(x, normalised=True)`` vs raw ``session.run`` on the same
       preprocessed input                                                             [<= 1.5x]
   (c) ``predict_batch`` (confident, float inputs declared normalised) per image at batch
@@ -131,6 +132,11 @@ def bench_escalation(rounds: int, n: int) -> dict:
                 p = router.predict(images[i % 64])
             assert p.source == "cloud", p
 
+        def predict_cloud_only(k):  # no edge inference first: the client's cost alone
+            for i in range(k):
+                p = router.predict(images[i % 64], mode="cloud_only")
+            assert p.source == "cloud", p
+
         loop = asyncio.new_event_loop()
 
         def apredict(k):
@@ -142,7 +148,7 @@ def bench_escalation(rounds: int, n: int) -> dict:
             loop.run_until_complete(go())
 
         per = _interleave({"raw httpx POST": raw, "raw httpx POST +parse": raw_parse, "predict escalated": predict,
-                           "apredict escalated": apredict}, rounds, n)
+                           "predict cloud_only": predict_cloud_only, "apredict escalated": apredict}, rounds, n)
         loop.run_until_complete(router.aclose())
         loop.close()
         client.close()

@@ -80,18 +80,28 @@ class _AnswerCost:
     last one pays for all; the flow keeps this much of the deadline back (at least the policy's
     ``budget_reserve_ms``) so the attempts end early enough for every answer to be on time.
 
-    The worst of the last ``window`` failures, capped: a one-off stall ages out after that many."""
+    The worst of the last ``window`` failures, capped; forgotten ``max_age_s`` after the last
+    failure (when escalations stop failing, nothing would ever replace a one-off stall)."""
 
-    def __init__(self, window: int = 16, cap_s: float = 0.010) -> None:
+    def __init__(self, window: int = 16, cap_s: float = 0.010, max_age_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._recent: deque[float] = deque(maxlen=window)
-        self._cap = cap_s
+        self._clock = clock
+        self._cap, self._max_age = cap_s, max_age_s
         self._lock = threading.Lock()
-        self.worst = 0.0  # read without the lock (one float)
+        self._worst, self._until = 0.0, 0.0
 
     def observe(self, seconds: float) -> None:
         with self._lock:
+            now = self._clock()
+            if now >= self._until:
+                self._recent.clear()
             self._recent.append(min(seconds, self._cap))
-            self.worst = max(self._recent)
+            self._worst, self._until = max(self._recent), now + self._max_age
+
+    @property
+    def worst(self) -> float:
+        return self._worst if self._clock() < self._until else 0.0
 
 
 @dataclass(frozen=True)
@@ -381,8 +391,7 @@ class Router:
             normalised=bool(normalised),
             budget=budget,
             arm=arm,
-            reserve_s=(self._answer_cost.worst if self._answer_cost.worst * 1000.0 > policy.budget_reserve_ms
-                       else None),
+            reserve_s=_larger_reserve(self._answer_cost.worst, policy.budget_reserve_ms),
         )
 
     # ------------------------------------------------------------------ local work (no I/O)
@@ -773,6 +782,11 @@ def _late(call: CloudCall) -> CloudCall:
     """The attempt as the network side runs it: ending ``_LATE_S`` after the caller's deadline,
     so the caller always gives up first and answers before any clean-up runs."""
     return replace(call, timeout_s=call.timeout_s + _LATE_S, deadline=call.deadline + _LATE_S)
+
+
+def _larger_reserve(learned_s: float, policy_ms: float) -> float | None:
+    """The learned reserve when it exceeds the policy's, else None (the flow uses the policy's)."""
+    return learned_s if learned_s * 1000.0 > policy_ms else None
 
 
 def _timed_out(call: CloudCall) -> CloudTimeout:

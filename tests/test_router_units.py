@@ -272,3 +272,23 @@ def test_a_batch_of_declared_model_input_matches_single_predicts_and_names_a_bad
         bad[3][0, 0, 0] = np.nan
         with pytest.raises(InvalidInput, match="image 3"):
             router.predict_batch(bad, normalised=True)
+
+
+def test_the_learned_answer_reserve_takes_the_worst_recent_cost_capped_and_forgets_it():
+    from router.api import _AnswerCost, _larger_reserve
+
+    now = [0.0]
+    cost = _AnswerCost(window=3, cap_s=0.010, max_age_s=60.0, clock=lambda: now[0])
+    assert cost.worst == 0.0
+    cost.observe(0.004)
+    cost.observe(0.002)
+    assert cost.worst == 0.004
+    cost.observe(0.5)  # a stall counts only up to the cap
+    assert cost.worst == 0.010
+    for _ in range(3):  # pushed out of the window by later failures
+        cost.observe(0.001)
+    assert cost.worst == 0.001
+    cost.observe(0.006)
+    now[0] = 61.0  # no failure for longer than max_age: forgotten
+    assert cost.worst == 0.0
+    assert _larger_reserve(0.004, 3.0) == 0.004 and _larger_reserve(0.002, 3.0) is None
