@@ -447,10 +447,21 @@ class DynamicBatcher:
         execution = self._executor.submit(_run_batch, self._execute, xs, self._clock)
         for item, _, _ in batch:
             item.executions.append(execution)
-        fut = asyncio.wrap_future(execution, loop=self._loop)
-        fut.add_done_callback(lambda f: self._on_done(f, batch_id, batch, rows, now))
+        # One hop back to the loop, straight from the worker thread. asyncio.wrap_future takes two
+        # (the worker schedules a copy of the state onto an asyncio future, whose done callbacks are
+        # then scheduled again), plus a future per batch; this ran once per request at low load.
+        loop = self._loop
 
-    def _on_done(self, fut: asyncio.Future, batch_id: int, batch: list[_Part], rows: int, started: float) -> None:
+        def collect(f: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self._on_done, f, batch_id, batch, rows, now)
+            except RuntimeError:  # the loop is closed: nobody left to answer
+                pass
+
+        execution.add_done_callback(collect)
+
+    def _on_done(self, fut: concurrent.futures.Future, batch_id: int, batch: list[_Part], rows: int,
+                 started: float) -> None:
         del self._running[batch_id]
         m = self._metrics
         exc = fut.exception() if not fut.cancelled() else Unavailable("execution cancelled at shutdown")

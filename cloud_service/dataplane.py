@@ -99,6 +99,7 @@ class ServedModel:
         else:
             self.accepted = tuple(dict.fromkeys(("FP32", self.datatype, "UINT8")))
         self._normalise = normalise
+        self._lut = _pixel_table(normalise, self.config) if self.image else None
         self.ready = False
         b, rt = settings.batching, settings.runtime
         model_metrics = metrics.model(name)
@@ -173,16 +174,18 @@ class ServedModel:
             raise InvalidRequest(f"input {tensor.name!r}: shape {shape} not accepted; use {wanted}")
         if shape[0] < 1:
             raise InvalidRequest(f"input {tensor.name!r}: batch dimension must be >= 1, got {shape[0]}")
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow becomes inf: refused just below
-                arr = protocol.decode_tensor(tensor)
-        except ProtocolError as exc:
-            raise InvalidRequest(str(exc)) from None
+        arr = _uint8_fast(tensor) if tensor.datatype == "UINT8" else None
+        if arr is None:
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow becomes inf: refused just below
+                    arr = protocol.decode_tensor(tensor)
+            except ProtocolError as exc:
+                raise InvalidRequest(str(exc)) from None
         if not self.image:
             x = np.ascontiguousarray(arr.reshape(shape), dtype=self.input_dtype)
         else:
             if tensor.datatype == "UINT8":
-                x = self._normalise(arr, self.config)
+                x = self._lut[arr] if self._lut is not None else self._normalise(arr, self.config)
             else:
                 if not np.isfinite(arr).all():
                     raise InvalidRequest(f"input {tensor.name!r}: {tensor.datatype} data contains NaN or infinite values")
@@ -364,3 +367,48 @@ def _element_count(request: InferenceRequest) -> int:
             n *= d if isinstance(d, int) and d > 0 else 1
         total += n
     return total
+
+
+def _uint8_fast(tensor) -> Optional[np.ndarray]:
+    """UINT8 JSON pixels as a flat list of ints (what the router sends) -> array, or ``None`` to take
+    the general path (``protocol.decode_tensor``), which also words every error.
+
+    ``bytes(list)`` is C: it takes ints 0-255 only (a float, string, nested list, or a value out of
+    range raises) -- the general path's checks in one pass, ~8x faster than ``np.asarray`` on a
+    list of 784 ints (py-spy: decoding was ~18 % of the event loop's time per request).
+    """
+    data = tensor.data
+    if type(data) is not list:
+        return None
+    n = 1
+    for d in tensor.shape:
+        n *= d
+    if len(data) != n:
+        return None
+    try:
+        raw = bytes(data)
+    except (TypeError, ValueError):
+        return None
+    return np.frombuffer(raw, dtype=np.uint8).reshape(tensor.shape)
+
+
+def _pixel_table(normalise, config) -> Optional[np.ndarray]:
+    """``normalise`` of each pixel value 0-255, when it is the same function for every pixel
+    (one mean/std for all channels, float output), else ``None``.
+
+    Looking values up (``table[pixels]``) gives bit-identical inputs to calling ``normalise``
+    -- the table holds its own results -- at a fraction of the cost (one gather instead of a
+    cast and two float passes with temporaries).
+    """
+    shape = tuple(config.pixel_shape)
+    values = np.arange(256, dtype=np.uint8).reshape(256, *([1] * len(shape)))
+    try:
+        out = normalise(np.ascontiguousarray(np.broadcast_to(values, (256, *shape))), config)
+    except Exception:  # a config normalise cannot take this way: no table, the general path
+        return None
+    if out.dtype.kind != "f":
+        return None
+    rows = out.reshape(256, -1)
+    if not (rows == rows[:, :1]).all():
+        return None  # per-channel statistics: the value depends on the position
+    return np.ascontiguousarray(rows[:, 0])

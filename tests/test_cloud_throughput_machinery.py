@@ -147,3 +147,91 @@ def test_graceful_shutdown_finishes_in_flight_requests():
         with pytest.raises(httpx.ConnectError):  # and the port is closed afterwards
             httpx.get(svc.url + "/v2/health/live", timeout=2)
     assert code is not None
+
+
+
+# ----------------------------------------------------------------------------- hot-path shortcuts
+
+@pytest.fixture(scope="module")
+def served_model():
+    from cloud_service.dataplane import ServedModel
+    from cloud_service.metrics import ServiceMetrics
+    from cloud_service.settings import DEFAULT_MANIFEST, ServiceSettings
+    from edge_model.runtime import OnnxClassifier
+
+    return ServedModel("m", OnnxClassifier(DEFAULT_MANIFEST), ServiceSettings(), ServiceMetrics())
+
+
+def _request(data, shape, datatype="UINT8"):
+    from oip.protocol import InferenceRequest
+
+    return InferenceRequest.model_validate({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]})
+
+
+def test_uint8_shortcut_gives_the_general_paths_input_bit_for_bit(served_model):
+    from edge_model.preprocess import normalise
+
+    pixels = sample_pixels(3)[:, None]
+    x, _ = served_model.decode(_request(pixels.ravel().tolist(), [3, 1, 28, 28]))
+    expected = normalise(pixels, served_model.config)
+    assert x.dtype == np.float32 and x.shape == (3, 1, 28, 28)
+    assert np.array_equal(x.view(np.uint32), expected.view(np.uint32))
+    # the general path (nested lists, integral floats) yields the same array
+    nested, _ = served_model.decode(_request(pixels.tolist(), [3, 1, 28, 28]))
+    floats, _ = served_model.decode(_request([float(v) for v in pixels.ravel()], [3, 1, 28, 28]))
+    assert np.array_equal(nested, x) and np.array_equal(floats, x)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([300] + [0] * 783, "out of range"),
+    ([-1] + [0] * 783, "out of range"),
+    ([0.5] + [0] * 783, "non-integer"),
+    (["1"] + [0] * 783, "UINT8"),
+    ([0] * 783, "elements"),
+])
+def test_uint8_shortcut_leaves_every_refusal_to_the_general_path(served_model, bad, message):
+    from cloud_service.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=message):
+        served_model.decode(_request(bad, [1, 1, 28, 28]))
+
+
+def test_infer_skips_the_middleware_stack_unless_middleware_was_added():
+    """The infer fast path answers like the stack: same body, metrics counted once per request."""
+    import asyncio as aio
+
+    from cloud_service.app import create_app
+    from cloud_service.settings import ServiceSettings
+
+    app = create_app(ServiceSettings())
+    seen = []
+
+    class Spy:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    async def call(path: str) -> int:
+        messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"2")],
+                 "query_string": b"", "root_path": ""}
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    # unknown model: 404 JSON from the infer endpoint either way (no lifespan, nothing loaded)
+    assert aio.run(call("/v2/models/nope/infer")) == 404
+    assert seen == []
+    app.add_middleware(Spy)
+    assert aio.run(call("/v2/models/nope/infer")) == 404
+    assert seen == ["/v2/models/nope/infer"]
