@@ -194,19 +194,20 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
         edge_pred, edge_conf = edge_probs.argmax(axis=1), edge_probs.max(axis=1)
         cloud_pred = cloud_probs.argmax(axis=1)
         predicted = s.at(threshold)
+        images = data.app_images(edge.preprocess_config)  # what an app passes: RGB [H, W, 3], not the model's layout
 
         # ------------------------------------------------------------ 2. cloud-only baseline
         m = min(n, max(0, settings.baseline_limit))
         base_idx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64)) if m else np.empty(0, np.int64)
 
         async def phases() -> tuple[list[dict], list[dict], dict, dict, dict]:
-            await _warm(baseline_router, data.pixels, deadline_ms)
+            await _warm(baseline_router, images, deadline_ms)
             base_records = await _stream(
-                baseline_router, data.pixels, base_idx, concurrency=settings.concurrency, deadline_ms=BASELINE_BUDGET_MS,
+                baseline_router, images, base_idx, concurrency=settings.concurrency, deadline_ms=BASELINE_BUDGET_MS,
                 threshold=None, mode="cloud_only", on_start=None, tag="baseline",
                 progress=(lambda d: progress("cloud-only baseline", d, len(base_idx))) if progress else None)
             await baseline_router.aclose()
-            await _warm(router, data.pixels, deadline_ms)
+            await _warm(router, images, deadline_ms)
             before = router.stats()
             proxy_before = proxy.stats() if proxy is not None else None
             third = n // 3
@@ -223,7 +224,7 @@ def evaluate(data: LabeledSet, settings: EvalSettings, *, proxy=None,
                     outage.update(active=False, end=j, t1=time.perf_counter(), seconds=time.perf_counter() - outage["t0"])
 
             records = await _stream(
-                router, data.pixels, np.arange(n), concurrency=settings.concurrency, deadline_ms=deadline_ms,
+                router, images, np.arange(n), concurrency=settings.concurrency, deadline_ms=deadline_ms,
                 threshold=settings.threshold, mode=None, on_start=on_start, tag="eval",
                 progress=(lambda d: progress("router", d, n)) if progress else None)
             if outage["active"]:  # fewer than 2/3 of the requests started after the switch

@@ -54,9 +54,25 @@ class LabeledSet:
             return self
         return LabeledSet(self.name, self.pixels[:n], self.labels[:n], self.paths[:n] if self.paths else None)
 
+    def app_images(self, config: PreprocessConfig) -> np.ndarray:
+        """The pixels as an app hands them to the router: ``[N, H, W]`` grey or ``[N, H, W, 3]`` RGB
+        (numpy's image order), whatever the model's own layout and channel order."""
+        return app_images(self.pixels, config)
+
     def subset(self, index: np.ndarray) -> "LabeledSet":
         paths = tuple(self.paths[i] for i in index) if self.paths else None
         return LabeledSet(self.name, self.pixels[index], self.labels[index], paths)
+
+
+def app_images(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """``uint8 [N, *config.pixel_shape]`` (the model's layout and channel order) -> ``[N, H, W]`` or
+    ``[N, H, W, 3]`` RGB, the form :meth:`router.Router.predict` takes numpy images in."""
+    if config.channels == 1:
+        return pixels
+    rgb = pixels.transpose(0, 2, 3, 1) if config.layout == "NCHW" else pixels
+    if config.color == "BGR":
+        rgb = rgb[..., ::-1]
+    return np.ascontiguousarray(rgb)
 
 
 def load_labeled(data: str | os.PathLike | None = None, *, split: str = "validation",
@@ -128,8 +144,14 @@ def load_folder(root: Path, labels: Sequence[str], config: PreprocessConfig | No
         items += [(f, idx) for f in files]
     if not items:
         raise LabeledDataError(f"{root}: no images; expected {root}/<label>/*.png|jpg|jpeg")
-    if limit is not None:
-        items = items[:limit]
+    if limit is not None and limit < len(items):
+        # Folders come one class after another: the first N files would be one or two classes.
+        # Take them round-robin over the classes instead (deterministic, balanced as far as it goes).
+        per_class: dict[int, list[tuple[Path, int]]] = {}
+        for item in items:
+            per_class.setdefault(item[1], []).append(item)
+        queues = list(per_class.values())
+        items = [q[k] for k in range(max(map(len, queues))) for q in queues if k < len(q)][:limit]
     return _decode(str(root), items, config)
 
 

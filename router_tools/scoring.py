@@ -22,8 +22,9 @@ from edge_model.runtime import OnnxClassifier
 
 
 def model_input(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """``uint8 [N, H, W]`` -> normalised ``float32 [N, 1, H, W]`` (the router's own preprocessing)."""
-    return normalise(pixels, config)[:, None]
+    """``uint8 [N, *config.pixel_shape]`` -> normalised model input ``[N, *config.sample_shape]``
+    (the router's own preprocessing; ``[N, 1, H, W]`` for a one-channel NCHW model)."""
+    return normalise(pixels, config).reshape(len(pixels), *config.sample_shape)
 
 
 def model_logits(model: OnnxClassifier, pixels: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -268,6 +268,9 @@ def _write_edge_model(edge, manifest_path, out_dir, temperature: float, data_nam
     out_dir.mkdir(parents=True, exist_ok=True)
     m = edge.manifest
     shutil.copyfile(edge.model_path, out_dir / m.file)
+    for extra in (m.twin, m.labels_file):  # the FP32 twin and labels file the manifest names come along
+        if extra and (src_dir / extra).is_file():
+            shutil.copyfile(src_dir / extra, out_dir / extra)
     metrics = dict(m.metrics)
     metrics["recalibrated"] = {"data": data_name, "temperature_before": m.temperature, "ece": round(ece, 5)}
     new = m.model_copy(update={"temperature": float(temperature), "metrics": metrics})

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-manifest", metavar="PATH", help="edge model manifest (default: the policy's, else the shipped INT8)")
     p.add_argument("--cloud-manifest", metavar="PATH", help="cloud model manifest the local service serves "
                    "(default: the shipped cloud model)")
+    p.add_argument("--data", metavar="DIR|CSV", help="labeled images to stream, DIR/<label>/*.png or a path,label CSV "
+                   "(default: the shipped Fashion-MNIST test split; needed for your own models)")
     p.add_argument("--deadline-ms", type=float, help="per-request deadline (default: the policy's)")
     p.add_argument("--pace-ms", type=float, default=None,
                    help="pause between images so the table can be read (default: 12 on a terminal, 0 otherwise)")
@@ -123,13 +125,26 @@ class _Demo:
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{path}: {flag}: manifest file not found")
         base = load_policy(args.config)
-        test = load_test()
-        self.images, self.labels = test.images, test.labels
+        if args.data:  # the user's labeled images, read for the edge model they bring
+            from edge_model.manifest import Manifest
+            from edge_model.preprocess import PreprocessConfig
+            from edge_model.runtime import DEFAULT_EDGE_MANIFEST
+            from router_tools.labeled import load_labeled
+
+            m = Manifest.load(args.edge_manifest or base.edge.manifest or DEFAULT_EDGE_MANIFEST)
+            config = PreprocessConfig.from_input_spec(m.input)
+            labeled = load_labeled(args.data, labels=m.labels, config=config)
+            self.images, self.labels, self.label_names = labeled.app_images(config), labeled.labels, list(m.labels)
+        else:
+            test = load_test()
+            self.images, self.labels = test.images, test.labels
         c.rule("[bold]hybrid-router demo[/bold]")
         c.print("A small INT8 model answers on this device when it is confident; unsure requests go "
                 "to a full-precision model behind an Open Inference Protocol v2 service.")
-        overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else None
-        svc = LocalService(overrides=overrides)
+        overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else {}
+        if base.cloud.endpoints:  # served under the name the policy's endpoint asks for
+            overrides["model.name"] = base.cloud.endpoints[0].model
+        svc = LocalService(overrides=overrides or None)
         with contextlib.ExitStack() as stack:
             stack.callback(svc.stop)
             svc.start()
@@ -154,7 +169,7 @@ class _Demo:
 
             bound, k = args.stage_seconds, args.scenario_limit
             self.stage(router, proxy, Stage(
-                "1. Streaming shipped test images", "stream (loopback)",
+                f"1. Streaming {'your' if args.data else 'shipped'} test images", "stream (loopback)",
                 "Confident answers come from the device; unsure ones escalate to the cloud.",
                 "edge answers and escalations",
                 lambda rows: _any(rows, "edge", "confident") and _any(rows, "cloud"), args.limit, bound))
@@ -199,7 +214,9 @@ class _Demo:
                     _recovered, k, max(bound, DEMO_BREAKER_OPEN_S + bound),
                     pace_s=max(self.pace_s, RECOVERY_PACE_S)))
                 self.progressive_stage(router, proxy, k, bound)
-                if not args.no_update:
+                if not args.no_update and (args.edge_manifest or args.data):
+                    c.print("7. Model update: skipped with your own models (it publishes the shipped edge model)")
+                elif not args.no_update:
                     proxy.set_profile("loopback")
                     UpdateStage(self, data, bound).run()
             self.final_summary(router)
@@ -394,11 +411,12 @@ class _Demo:
         return (f"{s['n']} answered, accuracy {s['accuracy']:.1%}, escalated {s['escalated']}, "
                 f"fallbacks {s['fallbacks']}, max latency {s['max_ms']:.1f} ms, breaker {rows[-1]['breaker_after']}")
 
-    @staticmethod
-    def labels_name(i: int) -> str:
+    label_names: Optional[list] = None  # the edge model's labels with --data; else Fashion-MNIST's
+
+    def labels_name(self, i: int) -> str:
         from router_tools.datasets import LABELS
 
-        return LABELS[i]
+        return (self.label_names or LABELS)[i]
 
     def summarize(self, rows: list[dict]) -> dict:
         import numpy as np

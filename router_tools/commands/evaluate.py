@@ -171,8 +171,10 @@ def _run(args: argparse.Namespace) -> int:
             from cloud_service.launch import LocalService
 
             console.print("starting the cloud service on a free loopback port ...")
-            overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else None
-            svc = stack.enter_context(LocalService(overrides=overrides))
+            overrides = {"model.manifest": str(Path(args.cloud_manifest).resolve())} if args.cloud_manifest else {}
+            if policy.cloud.endpoints:  # served under the name the policy's endpoint asks for
+                overrides["model.name"] = policy.cloud.endpoints[0].model
+            svc = stack.enter_context(LocalService(overrides=overrides or None))
             cloud_url = svc.url
             console.print(f"cloud service ready at {cloud_url} (pid {svc.pid})")
         proxy = None

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("dir", metavar="DIR", help="a folder written by 'model import'")
     q.add_argument("--calibration-data", required=True, metavar="IMAGES", help="a folder of images, or DIR/<label>/*")
     q.add_argument("--out", required=True, metavar="DIR2")
+    q.add_argument("--eval-data", metavar="LABELED", help="held-out labeled images for INT8 vs FP32 accuracy, DIR/<label>/* "
+                   "or a path,label CSV (default: the calibration images when they are labeled)")
     q.add_argument("--limit", type=int, default=500, help="calibration images used (default 500)")
     q.add_argument("--latency-runs", type=int, default=200)
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"assumed: {n}")
         return 0
     report = quantize_model(args.dir, args.calibration_data, args.out, limit=args.limit,
-                            latency_runs=args.latency_runs)
+                            latency_runs=args.latency_runs, eval_data=args.eval_data)
     for line in report.lines():
         print(line)
     return 0
