@@ -28,7 +28,7 @@ from edge_model.errors import DatasetError, InputError
 from edge_model.preprocess import PreprocessConfig, to_pixels
 from router.errors import RouterError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # as model quantize reads
 SHIPPED_SPLITS = ("validation", "test")
 _MAX_LISTED = 5
 
