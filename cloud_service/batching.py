@@ -48,15 +48,29 @@ the same machinery degenerated to "run each request in a worker thread as soon a
 
 ``stop()`` refuses new work, flushes the queue without waiting for the delay, and waits for
 running batches (bounded), so a graceful shutdown computes everything already accepted.
+
+Memory after load (``idle_trim_s``): a flood leaves the process several MiB above its baseline
+for good, with nothing of ours holding it -- a tracemalloc snapshot diff of the service before and
+after an overload flood shows +0.2 MiB of Python objects (bounded ones: ``decisions``, idle
+keep-alive timers) while RSS stays +5-7 MiB, and ``malloc_trim(0)`` brings RSS back to within 1 MiB
+of the baseline: glibc keeps freed heap pages (request bodies, pixel lists, batch tensors freed
+in the worker threads' arenas). So once the batcher has been idle for ``idle_trim_s`` after at
+least ``trim_after`` requests, it calls :func:`release_memory` in a short-lived thread (the call
+takes milliseconds to tens of milliseconds on a fragmented heap and releases the GIL). glibc only;
+elsewhere it does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -75,6 +89,31 @@ Clock = Callable[[], float]
 MAX_BACKOFF_S = 30.0
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None  # musl and others: no malloc_trim
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (ValueError, OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 class ServiceTimeModel:
@@ -131,7 +170,7 @@ class ServiceTimeModel:
 
 
 class Decision(NamedTuple):
-    """One scheduling decision. ``kind``: dispatch | wait | shed | drop; ``reason`` says why."""
+    """One scheduling decision. ``kind``: dispatch | wait | shed | drop | trim; ``reason`` says why."""
 
     kind: str
     reason: str
@@ -179,6 +218,9 @@ class DynamicBatcher:
         clock: Clock = time.monotonic,
         executor: Optional[Executor] = None,
         service_time: Optional[ServiceTimeModel] = None,
+        idle_trim_s: Optional[float] = None,
+        trim_after: int = 32,
+        release: Callable[[], bool] = release_memory,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size, max_queue_size and instances must be >= 1 and the delay >= 0")
@@ -212,6 +254,14 @@ class DynamicBatcher:
         # (clamped), spreading the clients out until the two are about even; it relaxes likewise.
         self.backoff_s = 1.0
         self._window = (0.0, 0, 0)  # start, admitted, shed
+        # Giving freed heap back to the OS once idle after load (see the module docstring).
+        self.idle_trim_s = idle_trim_s
+        self.trim_after = trim_after
+        self._release = release
+        self._since_trim = 0  # requests seen (admitted or refused) since the last release
+        self._trim_timer: Optional[asyncio.TimerHandle] = None
+        self._trimming = False
+        self.trims = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -238,9 +288,10 @@ class DynamicBatcher:
                 item = self._queue[0]
                 self._remove(item)
                 self._finish(item, exc=Unavailable("service shut down before the request was computed"))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._trim_timer = None
         executor, self._executor = self._executor, None
         if executor is not None and executor is not self._given_executor:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -274,6 +325,7 @@ class DynamicBatcher:
         """
         loop = self._loop
         m = self._metrics
+        self._since_trim += 1
         if loop is None or self._closing:
             if m is not None:
                 m.rejected_closed.inc()
@@ -314,6 +366,9 @@ class DynamicBatcher:
         self._queue.append(item)
         self._queued_rows += rows
         self._idle.clear()
+        if self._trim_timer is not None:  # busy again: not idle yet
+            self._trim_timer.cancel()
+            self._trim_timer = None
         if m is not None:
             m.queue_depth.set(len(self._queue))
         self._dispatch()
@@ -522,6 +577,28 @@ class DynamicBatcher:
     def _check_idle(self) -> None:
         if not self._queue and not self._running and self._idle is not None:
             self._idle.set()
+            if (self.idle_trim_s is not None and self._since_trim >= self.trim_after and self._trim_timer is None
+                    and not self._closing and self._loop is not None):
+                self._trim_timer = self._loop.call_later(self.idle_trim_s, self._trim_when_idle)
+
+    def _trim_when_idle(self) -> None:
+        self._trim_timer = None
+        if self._queue or self._running or self._trimming:
+            return
+        self._since_trim = 0
+        self._trimming = True
+        self.decisions.append(Decision("trim", "idle_after_load", 0, self._clock()))
+
+        def run() -> None:
+            try:
+                self._release()
+            except Exception as exc:  # best effort: memory stays as it was
+                log.debug("%s: releasing memory failed: %s", self.name, exc)
+            finally:
+                self._trimming = False
+                self.trims += 1
+
+        threading.Thread(target=run, name=f"trim-{self.name}", daemon=True).start()
 
     def _drop(self, item: _Item, now: float) -> None:
         self.decisions.append(Decision("drop", "expired" if now >= item.deadline else "cannot_finish_in_time",

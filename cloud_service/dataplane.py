@@ -39,7 +39,7 @@ import numpy as np
 
 from edge_model.calibration import calibrated_softmax
 from oip import protocol
-from cloud_service.batching import DynamicBatcher, unbatched
+from cloud_service.batching import DynamicBatcher, release_memory, unbatched
 from cloud_service.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -61,6 +61,10 @@ OUTPUT_LOGITS = "logits"
 OUTPUTS = (OUTPUT_PROBABILITIES, OUTPUT_LOGITS)
 ACCEPTED_DATATYPES = ("FP32", "UINT8")
 V2_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int64": "INT64", "int32": "INT32"}
+# Freed C heap goes back to the OS this long after the last request of a load (issue 10: RSS stayed
+# +5-7 MiB after an overload flood; see cloud_service.batching, "Memory after load"): once idle
+# kept-alive connections (server.keep_alive_s) have been closed and their buffers freed too.
+IDLE_TRIM_AFTER_KEEP_ALIVE_S = 1.0
 # Requests bigger than this are decoded in a thread rather than on the event loop.
 _OFFLOAD_ELEMENTS = 64 * 784
 
@@ -103,15 +107,17 @@ class ServedModel:
         self.ready = False
         b, rt = settings.batching, settings.runtime
         model_metrics = metrics.model(name)
+        idle_trim_s = settings.server.keep_alive_s + IDLE_TRIM_AFTER_KEEP_ALIVE_S
         if b.enabled:
             self.batcher = DynamicBatcher(
                 self._execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
                 max_queue_size=b.max_queue_size, instances=rt.instances, dispatch_when_idle=b.dispatch_when_idle,
-                metrics=model_metrics, name=name,
+                metrics=model_metrics, name=name, idle_trim_s=idle_trim_s, release=self.release_memory,
             )
         else:
             self.batcher = unbatched(self._execute, max_queue_size=b.max_queue_size, instances=rt.instances,
-                                     metrics=model_metrics, name=name)
+                                     metrics=model_metrics, name=name, idle_trim_s=idle_trim_s,
+                                     release=self.release_memory)
 
     # Runs on a worker thread: one ONNX Runtime call per batch, both outputs from it.
     def _execute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +125,24 @@ class ServedModel:
         if self.classifier.output_kind == "logits":
             return calibrated_softmax(raw, self.classifier.temperature), raw
         return self.classifier.to_probabilities(raw), raw
+
+    def release_memory(self) -> bool:
+        """Give ONNX Runtime's arena and the C heap's free pages back to the OS (the batcher calls it
+        when idle after load).
+
+        The arena grows to the largest batches that ran *at the same time* and never shrinks by
+        itself: two concurrent 32-row batches left it +26 MiB above a sequential warm-up, and it is
+        the part of the post-flood RSS that ``malloc_trim`` alone cannot return. One 1-row run with
+        ``memory.enable_memory_arena_shrinkage`` frees its unused regions; the next burst re-grows
+        it (a one-off allocation cost).
+        """
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        x = np.zeros((1, *(d if d > 0 else 1 for d in self.sample_shape)), self.input_dtype)
+        self.classifier.session.run(None, {self.input_name: x}, options)
+        return release_memory()
 
     def metadata(self) -> protocol.ModelMetadataResponse:
         n = len(self.labels)

@@ -268,3 +268,44 @@ def test_invalid_configuration():
         DynamicBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_queue_delay_s=-1)
+
+
+
+def test_memory_is_released_once_idle_after_load_and_not_while_busy():
+    released = threading.Event()
+    calls = []
+
+    def release():
+        calls.append(1)
+        released.set()
+        return True
+
+    async def scenario():
+        b = DynamicBatcher(lambda x: (x * 2,), max_batch_size=4, instances=1, idle_trim_s=0.05, trim_after=3,
+                           release=release)
+        b.start()
+        try:
+            await asyncio.gather(*(b.submit(np.ones((1, 2), np.float32)) for _ in range(2)))
+            assert b._trim_timer is None, "a release was planned after fewer requests than trim_after"
+            b.idle_trim_s = 60.0
+            await b.submit(np.ones((1, 2), np.float32))  # the third: a release is planned once idle...
+            assert b._trim_timer is not None
+            pending = asyncio.ensure_future(b.submit(np.ones((1, 2), np.float32)))
+            await asyncio.sleep(0)  # ...and called off while a request is in
+            assert b._trim_timer is None
+            await pending
+            b.idle_trim_s = 0.05  # the next idle moment plans a short wait
+            await b.submit(np.ones((1, 2), np.float32))
+            assert await asyncio.to_thread(released.wait, 10)
+            assert [d.kind for d in b.decisions].count("trim") == 1
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert calls == [1]
+
+
+def test_release_memory_runs_on_this_platform_or_says_no():
+    from cloud_service.batching import release_memory
+
+    assert release_memory() in (True, False)  # glibc: malloc_trim(0); elsewhere a no-op
