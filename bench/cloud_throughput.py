@@ -466,9 +466,11 @@ def measure(target: Target, lua: Path, body: Path, connections: int, duration: f
     return m
 
 
-def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
+def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...],
+                seconds: float) -> tuple[dict[int, float], dict[int, float]]:
     """Images/s of ``session.run`` alone -- same model, same ``threads`` per call, ``instances``
-    concurrent callers on one shared session (as the service runs it) -- per batch size."""
+    concurrent callers on one shared session (as the service runs it) -- per batch size; and
+    images per CPU second (this process's CPU time: on a shared machine, the cost that holds)."""
     import threading
 
     from router_tools.datasets import load_test
@@ -477,7 +479,7 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seco
     clf = OnnxClassifier(MANIFEST, SessionOptions(intra_op_threads=threads, warmup_runs=5))
     run, outs, name = clf.session.run, [clf.manifest.output_name], clf.input_name
     images = clf.preprocess_batch(list(load_test().images[:max(batch_sizes)]))
-    result = {}
+    result, per_cpu = {}, {}
     for b in batch_sizes:
         x = np.ascontiguousarray(images[:b])
         for _ in range(20):
@@ -492,6 +494,7 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seco
 
         workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         for w in workers:
             w.start()
         time.sleep(seconds)
@@ -499,7 +502,9 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...], seco
         for w in workers:
             w.join()
         result[b] = round(sum(counts) * b / (time.perf_counter() - t0), 1)
-    return result
+        cpu = time.process_time() - cpu0
+        per_cpu[b] = round(sum(counts) * b / cpu, 1) if cpu > 0 else float("nan")
+    return result, per_cpu
 
 
 # ----------------------------------------------------------------------------- report
@@ -524,8 +529,11 @@ def _spread(values: list[float]) -> str:
     return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else f"{med:.2f}"
 
 
-def ratios_by_round(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]]) -> dict:
-    """(a) / peer within each round and level (measured minutes apart at most), and (a) / ceiling per round."""
+def ratios_by_round(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]],
+                    ceilings_cpu: Optional[list[dict[int, float]]] = None) -> dict:
+    """(a) / peer within each round and level (measured minutes apart at most), and (a) / ceiling per
+    round: in requests per second, and in requests per CPU second of server + wrk against images per
+    CPU second of the ceiling (what the wall-clock ratio would be if each had the whole machine)."""
     out: dict = {}
     rounds = len(ceilings)
     a = results.get("a")
@@ -543,10 +551,16 @@ def ratios_by_round(results: dict[str, TargetResult], levels: list[int], ceiling
             vals = [a.at(c, i).rps / max(ceilings[i].values()) for i in range(rounds) if a.at(c, i) is not None]
             if vals:
                 out[f"a_over_ceiling@{c}"] = vals
+            if ceilings_cpu:
+                vals = [a.at(c, i).per_cpu_s / max(ceilings_cpu[i].values()) for i in range(rounds)
+                        if a.at(c, i) is not None]
+                if vals:
+                    out[f"a_over_ceiling_per_cpu@{c}"] = vals
     return out
 
 
-def print_report(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]], args) -> dict:
+def print_report(results: dict[str, TargetResult], levels: list[int], ceilings: list[dict[int, float]],
+                 ceilings_cpu: list[dict[int, float]], args) -> dict:
     ordered = [results[k] for k in LABELS if k in results]
     print()
     for r in ordered:
@@ -581,7 +595,9 @@ def print_report(results: dict[str, TargetResult], levels: list[int], ceilings: 
     print(f"\nONNX batch ceiling (session.run alone, {args.threads} intra-op thread(s) x {args.instances} concurrent "
           f"caller(s), as in (a)), median of {len(ceilings)} measurement(s) taken between the rounds: "
           + ", ".join(f"batch {b}: {statistics.median(c[b] for c in ceilings):.0f} images/s" for b in ceilings[0]))
-    ratios = ratios_by_round(results, levels, ceilings)
+    print("  per CPU second: " + ", ".join(f"batch {b}: {statistics.median(c[b] for c in ceilings_cpu):.0f} images"
+                                          for b in ceilings_cpu[0]))
+    ratios = ratios_by_round(results, levels, ceilings, ceilings_cpu)
     print("\nratios (a) / peer: median of the per-round ratios [min-max]")
     print(f"{'':28}" + "".join(f" {f'{c} conn':>17}" for c in levels) + "  goal")
     for peer, goal in GOALS.items():
@@ -599,6 +615,9 @@ def print_report(results: dict[str, TargetResult], levels: list[int], ceilings: 
         verdict = (f">= {CEILING_GOAL:g} at {levels[-1]}: " + ("met" if top and statistics.median(top) >= CEILING_GOAL else "NOT met")
                    if top else "")
         print(f"{'(a) / ONNX batch ceiling':28}" + "".join(f" {cell:>17}" for cell in cells) + f"  {verdict}")
+        cells = [_spread(ratios.get(f"a_over_ceiling_per_cpu@{c}", [])) for c in levels]
+        print(f"{'  same, per CPU second':28}" + "".join(f" {cell:>17}" for cell in cells)
+              + "  (server + wrk CPU vs the ceiling's: robust to a shared machine)")
     print(f"\nload generator: wrk (1 thread, keep-alive, Lua POST body); {args.duration:.0f} s per measurement after "
           f"{args.warmup:.0f} s warm-up; {args.rounds} round(s), each visiting the levels and, per level, the targets in a "
           "fresh random order")
@@ -664,7 +683,14 @@ def main(argv: Optional[list[str]] = None) -> int:
               "the per-round ratios are the figures to trust")
 
     ceiling_sizes = (1, max_batch)
-    ceilings = [raw_ceiling(args.threads, instances, ceiling_sizes, seconds=min(3.0, args.duration))]
+    ceilings, ceilings_cpu = [], []
+
+    def measure_ceiling() -> None:
+        wall, cpu = raw_ceiling(args.threads, instances, ceiling_sizes, seconds=min(3.0, args.duration))
+        ceilings.append(wall)
+        ceilings_cpu.append(cpu)
+
+    measure_ceiling()
     work = Path(tempfile.mkdtemp(prefix="cloud-bench-"))
     body_bytes, reference = request_body(args.datatype)
     body = work / "body.json"
@@ -703,7 +729,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             targets.append(target)
         for rnd in range(args.rounds):
             if rnd:
-                ceilings.append(raw_ceiling(args.threads, instances, ceiling_sizes, seconds=min(3.0, args.duration)))
+                measure_ceiling()
             for conns in levels:
                 order = targets[:]
                 random.shuffle(order)
@@ -719,7 +745,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[target.key].server_stats = target.stats()
     shutil.rmtree(work, ignore_errors=True)
 
-    ratios = print_report(results, levels, ceilings, args)
+    ratios = print_report(results, levels, ceilings, ceilings_cpu, args)
     print(f"load average (1 min): {load_before[0]:.2f} before; after each round {', '.join(f'{v:.2f}' for v in loads)} "
           "(includes this run's own load: about 2 while a target is measured)")
     if args.json:
@@ -730,6 +756,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "targets": {r.key: {"label": r.label, "note": r.note, "server_stats": r.server_stats,
                                 "rounds": [asdict(m) for m in r.rounds]} for r in results.values()},
             "ceiling_images_per_s": ceilings,
+            "ceiling_images_per_cpu_s": ceilings_cpu,
             "ratios": ratios,
             "load_average": {"before": load_before[0], "after_rounds": loads},
         }, indent=2))

@@ -321,7 +321,7 @@ def print_overload(result: dict, args) -> None:
 
 def run_dispatch(args) -> dict:
     levels = [int(c) for c in args.dispatch_levels.split(",")]
-    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    samples: dict[tuple[str, int], list[dict]] = {}
     names = ("new", "previous")
     with service(args.config, True) as new, service(args.config, False) as old:
         targets = {"new": new, "previous": old}
@@ -331,23 +331,35 @@ def run_dispatch(args) -> dict:
         for _ in range(args.rounds):
             for conns in levels:
                 for name in rng.permutation(names):
-                    tally, _, _ = drive(targets[name], conns, args.dispatch_seconds, args.warmup, None)
-                    samples.setdefault((name, conns), []).append(
-                        (tally.statuses.get(200, 0) / args.dispatch_seconds, quantile_ms(tally.latencies_ok, 0.5)))
+                    tally, client_cpu, server_cpu = drive(targets[name], conns, args.dispatch_seconds, args.warmup, None)
+                    wall = args.dispatch_seconds + args.warmup
+                    samples.setdefault((name, conns), []).append({
+                        "rps": tally.statuses.get(200, 0) / args.dispatch_seconds,
+                        "p50_ms": quantile_ms(tally.latencies_ok, 0.5), "p99_ms": quantile_ms(tally.latencies_ok, 0.99),
+                        "client_cores": client_cpu / wall, "server_cores": server_cpu / wall})
     rows = []
     for conns in levels:
-        new_rps = statistics.median(s[0] for s in samples[("new", conns)])
-        old_rps = statistics.median(s[0] for s in samples[("previous", conns)])
-        new_p50 = statistics.median(s[1] for s in samples[("new", conns)])
-        old_p50 = statistics.median(s[1] for s in samples[("previous", conns)])
-        rows.append({"connections": conns, "new_rps": new_rps, "previous_rps": old_rps, "rps_ratio": new_rps / old_rps,
-                     "new_p50_ms": new_p50, "previous_p50_ms": old_p50})
+        new_s, old_s = samples[("new", conns)], samples[("previous", conns)]
+        ratios = [a["rps"] / b["rps"] for a, b in zip(new_s, old_s) if b["rps"]]  # same round, back to back
+        med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+        rows.append({"connections": conns, "new_rps": med(new_s, "rps"), "previous_rps": med(old_s, "rps"),
+                     "rps_ratio": statistics.median(ratios), "rps_ratio_min": min(ratios), "rps_ratio_max": max(ratios),
+                     "rounds_new_faster": sum(r > 1 for r in ratios), "rounds": len(ratios),
+                     "new_p50_ms": med(new_s, "p50_ms"), "previous_p50_ms": med(old_s, "p50_ms"),
+                     "new_p99_ms": med(new_s, "p99_ms"), "previous_p99_ms": med(old_s, "p99_ms"),
+                     "client_cores": med(new_s + old_s, "client_cores"), "server_cores": med(new_s + old_s, "server_cores")})
     print(f"\n== dispatch: dispatch_when_idle true (new) vs false (previous, waits max_queue_delay), "
-          f"no budgets, {args.dispatch_seconds:.0f} s x {args.rounds} interleaved rounds, medians ==")
-    print(f"{'conns':>5} {'new req/s':>9} {'prev req/s':>10} {'new/prev':>8} {'new p50ms':>9} {'prev p50ms':>10}")
+          f"no budgets, {args.dispatch_seconds:.0f} s x {args.rounds} interleaved rounds; medians, "
+          "new/prev = median of the per-round ratios [min-max] ==")
+    print(f"{'conns':>5} {'new req/s':>9} {'prev req/s':>10} {'new/prev':>20} {'new faster':>10} "
+          f"{'p50 new/prev ms':>16} {'p99 new/prev ms':>16} {'cores cli/srv':>13}")
     for r in rows:
-        print(f"{r['connections']:>5} {r['new_rps']:>9.0f} {r['previous_rps']:>10.0f} {r['rps_ratio']:>7.2f}x "
-              f"{r['new_p50_ms']:>9.2f} {r['previous_p50_ms']:>10.2f}")
+        print(f"{r['connections']:>5} {r['new_rps']:>9.0f} {r['previous_rps']:>10.0f} "
+              f"{r['rps_ratio']:>6.2f}x [{r['rps_ratio_min']:.2f}-{r['rps_ratio_max']:.2f}] "
+              f"{r['rounds_new_faster']:>5}/{r['rounds']:<4} {r['new_p50_ms']:>7.2f}/{r['previous_p50_ms']:<8.2f} "
+              f"{r['new_p99_ms']:>7.1f}/{r['previous_p99_ms']:<8.1f} {r['client_cores']:>5.2f}/{r['server_cores']:<6.2f}")
+    print("(cores: CPU seconds per wall second of this client and of the measured service; the machine has "
+          f"{os.cpu_count()})")
     return {"levels": rows, "seconds": args.dispatch_seconds, "rounds": args.rounds}
 
 

@@ -29,8 +29,9 @@ def test_bench_smoke(tmp_path, capsys):
             assert m["requests"] > 0 and m["p50_ms"] > 0 and not m["errors"], m
     assert r["targets"]["a"]["server_stats"]["images"] > 0
     (ceiling,) = r["ceiling_images_per_s"]
+    assert set(r["ceiling_images_per_cpu_s"][0]) == {"1", "32"}
     assert set(ceiling) == {"1", "32"}
-    assert set(r["ratios"]) >= {"a_over_c@1", "a_over_c@4", "a_over_ceiling@4"}
+    assert set(r["ratios"]) >= {"a_over_c@1", "a_over_c@4", "a_over_ceiling@4", "a_over_ceiling_per_cpu@4"}
     printed = capsys.readouterr().out
     assert "(a) / naive FastAPI" in printed and "ONNX batch ceiling" in printed and "load generator: wrk" in printed
 
