@@ -144,14 +144,15 @@ def load_folder(root: Path, labels: Sequence[str], config: PreprocessConfig | No
         items += [(f, idx) for f in files]
     if not items:
         raise LabeledDataError(f"{root}: no images; expected {root}/<label>/*.png|jpg|jpeg")
-    if limit is not None and limit < len(items):
-        # Folders come one class after another: the first N files would be one or two classes.
-        # Take them round-robin over the classes instead (deterministic, balanced as far as it goes).
-        per_class: dict[int, list[tuple[Path, int]]] = {}
-        for item in items:
-            per_class.setdefault(item[1], []).append(item)
-        queues = list(per_class.values())
-        items = [q[k] for k in range(max(map(len, queues))) for q in queues if k < len(q)][:limit]
+    # Folders list one class after another: eval and demo would stream one class at a time and
+    # --limit N would take one or two classes. Round-robin over the classes instead (deterministic).
+    per_class: dict[int, list[tuple[Path, int]]] = {}
+    for item in items:
+        per_class.setdefault(item[1], []).append(item)
+    queues = list(per_class.values())
+    items = [q[k] for k in range(max(map(len, queues))) for q in queues if k < len(q)]
+    if limit is not None:
+        items = items[:limit]
     return _decode(str(root), items, config)
 
 
