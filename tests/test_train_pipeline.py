@@ -153,7 +153,8 @@ def test_named_recipe_edge_1_1(tmp_path, eval_inputs):
     """``hybrid-router train edge --recipe edge-1.1``: its own network, version and calibration."""
     from router_tools import train
 
-    m = train.run("edge", recipe="edge-1.1", epochs=1, train_limit=256, eval_limit=200, out=tmp_path, log=lambda _: None)
+    m = train.run("edge", recipe="edge-1.1", epochs=1, train_limit=256, eval_limit=EVAL_IMAGES, out=tmp_path,
+                  log=lambda _: None)
     assert m.version == "1.1.0" and m.precision == "int8" and m.twin == "edge-fp32.onnx"
     assert m.recipe["recipe_name"] == "edge-1.1" and m.recipe["arch"] == "edge-1.1"
     assert m.flops == train.count_flops(train.build_model("edge-1.1"))[0] != train.count_flops(train.build_model("edge"))[0]
