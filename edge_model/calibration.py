@@ -8,6 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
+_MAX, _SUM, _SUB, _EXP, _DIV, _MUL = np.maximum.reduce, np.add.reduce, np.subtract, np.exp, np.true_divide, np.multiply
+_INVERSES: dict[float, np.ndarray] = {}
+
+
+def _inverse(temperature: float) -> np.ndarray:
+    """``float32(1 / T)`` as a read-only 0-d array, kept per temperature (a process sees a few):
+    the same multiplier as a numpy scalar, without numpy 1.x's per-call scalar conversion."""
+    inv = _INVERSES.get(temperature)
+    if inv is None:
+        inv = np.array(np.float32(1.0 / float(temperature)))
+        inv.flags.writeable = False
+        if len(_INVERSES) < 64:
+            _INVERSES[temperature] = inv
+    return inv
+
 
 def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, *, inplace: bool = False) -> np.ndarray:
     """Row-wise ``softmax(logits / T)`` in float32: the one calibrated-softmax formula of the project.
@@ -24,12 +39,16 @@ def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, *, inplace:
     if z.ndim == 1:
         z = z[None, :]
     if temperature != 1.0:
-        z *= np.float32(1.0 / float(temperature))
-    if len(z) == 1:  # batch 1 (the router's hot path): 1-D reductions cost a third of keepdims ones
+        _MUL(z, _inverse(temperature), z)
+    if len(z) == 1:
+        # Batch 1 (the router's hot path), the same operations in the same order: 1-D reductions
+        # (a third of keepdims ones) called as ufuncs, not through ndarray.max/sum's Python
+        # wrappers, into a 0-d array (numpy 1.x converts a numpy scalar operand at ~1 us a call).
         row = z[0]
-        row -= row.max()
-        np.exp(row, out=row)
-        row /= row.sum()
+        m = _MAX(row, None, None, np.empty((), np.float32))
+        _SUB(row, m, row)
+        _EXP(row, row)
+        _DIV(row, _SUM(row, None, None, m), row)
         return z
     z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)

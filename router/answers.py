@@ -25,6 +25,7 @@ def assemble(
     local: LocalResult,
     cls: Sequence[int],
     conf: Sequence[float],
+    rows: Sequence[list],
     contexts: Sequence[RouteContext],
     verdicts: Sequence[Verdict],
     escalate: Sequence[int],
@@ -36,9 +37,12 @@ def assemble(
     total_s: float,
 ) -> list[Prediction]:
     """One prediction per image, in order; raises :class:`PredictionUnavailable` (with the
-    other images' answers in ``.partial``) when some image has no answer."""
+    other images' answers in ``.partial``) when some image has no answer. ``rows``: the edge's
+    probabilities per image as Python lists (the flow converted the batch once)."""
     n = len(verdicts)
     timings = build(Timings, edge_ms=local.edge_s * 1000.0, cloud_ms=cloud_s * 1000.0, total_ms=total_s * 1000.0)
+    if not escalate:
+        return _local_answers(req, local, cls, conf, rows, verdicts, timings, cloud_error)
     predictions: list[Prediction] = []
     failed: list[int] = []
     cloud_row = {i: j for j, i in enumerate(escalate)}
@@ -60,7 +64,7 @@ def assemble(
             predictions.append(cloud_answer(req, reply.probs[cloud_row[i]], verdict, reply.model_version, timings,
                                             attempts, rid, answering.endpoint.label, edge))
         else:
-            predictions.append(edge_answer(req, cls[i], conf[i], local.probs[i], verdict, timings,
+            predictions.append(edge_answer(req, cls[i], conf[i], rows[i], verdict, timings,
                                            attempts if i in cloud_row else 0, rid,
                                            failure if escalated_and_failed else None))
     if failed:
@@ -68,14 +72,39 @@ def assemble(
     return predictions
 
 
+def _local_answers(req: RouteRequest, local: LocalResult, cls, conf, rows, verdicts, timings: Timings,
+                   cloud_error) -> list[Prediction]:
+    """:func:`assemble` when no image escalated (a confident, private or local batch): the edge's
+    answers, each one dict of values (no per-image call layers: a batch of 64 builds 64)."""
+    labels, version, arm, rid = req.labels, req.edge_version, req.arm, req.request_id
+    predictions: list[Prediction] = []
+    failed: list[int] = []
+    one = len(verdicts) == 1
+    for i, verdict in enumerate(verdicts):
+        if verdict.side == "none":
+            failed.append(i)
+            continue
+        k = cls[i]
+        predictions.append(build(
+            Prediction, label=labels[k], class_index=k, confidence=conf[i], probabilities=rows[i], source="edge",
+            reason=verdict.reason, fallback=verdict.fallback, model_version=version, timings=timings, attempts=0,
+            request_id=rid if one else f"{rid}-{i}", endpoint=None, edge=None, cloud_failure=None, arm=arm,
+        ))
+    if failed:
+        raise unavailable(req, verdicts[failed[0]], local.edge_error, cloud_error, failed, len(verdicts), predictions)
+    return predictions
+
+
 def provisional(req: RouteRequest, local: LocalResult, cls: Sequence[int], conf: Sequence[float],
-                verdicts: Sequence[Verdict], escalate: Sequence[int], total_s: float) -> list[Prediction]:
+                rows: Sequence[list], verdicts: Sequence[Verdict], escalate: Sequence[int],
+                total_s: float) -> list[Prediction]:
     """A progressive call's first answers: the edge's, before the escalation starts (the rows
     that escalate say ``provisional``; the others already have their final answer)."""
     n = len(verdicts)
     timings = build(Timings, edge_ms=local.edge_s * 1000.0, cloud_ms=0.0, total_ms=total_s * 1000.0)
     refining = set(escalate)
-    return [edge_answer(req, cls[i], conf[i], local.probs[i], _PROVISIONAL if i in refining else v, timings, 0,
+    # A copy of each row: the final answer of the same image may take the list as it is.
+    return [edge_answer(req, cls[i], conf[i], rows[i][:], _PROVISIONAL if i in refining else v, timings, 0,
                         req.request_id if n == 1 else f"{req.request_id}-{i}")
             for i, v in enumerate(verdicts)]
 
@@ -108,10 +137,12 @@ def standing(first: Prediction, reason: Reason, failure: Optional[CloudFailure],
                                 "timings": timings, "attempts": attempts, "cloud_failure": failure})
 
 
-def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray, verdict: Verdict,
+def edge_answer(req: RouteRequest, k: int, confidence: float, probs: np.ndarray | list, verdict: Verdict,
                 timings: Timings, attempts: int, rid: str, cloud_failure: Optional[CloudFailure] = None) -> Prediction:
+    """``probs``: one image's probabilities, a list (taken as it is) or an array."""
     return build(
-        Prediction, label=req.labels[k], class_index=k, confidence=confidence, probabilities=probs.tolist(),
+        Prediction, label=req.labels[k], class_index=k, confidence=confidence,
+        probabilities=probs if type(probs) is list else probs.tolist(),
         source="edge", reason=verdict.reason, fallback=verdict.fallback, model_version=req.edge_version,
         timings=timings, attempts=attempts, request_id=rid, endpoint=None, edge=None, cloud_failure=cloud_failure,
         arm=req.arm,

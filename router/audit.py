@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -84,7 +84,11 @@ class FieldMonitor:
         self._lock = threading.Lock()
         self._versions: dict[str, VersionCounts] = {}
         self._unreported: dict[str, Counter] = {}
-        self._window: deque[bool] = deque(maxlen=1)
+        # The drift window: a ring of 0/1 "unsure" flags (bytearray: a batch is written as slices
+        # and summed in C), its fill and write position, and the running sum of its flags.
+        self._window = bytearray(1)
+        self._window_len = 0
+        self._window_pos = 0
         self._window_sum = 0
         self._window_version: Optional[str] = None
         self._since_check = 0
@@ -121,34 +125,43 @@ class FieldMonitor:
         offline = req.privacy or policy.privacy_mode or req.mode is Mode.EDGE_ONLY or not req.endpoints
         rate = 0.0 if offline else policy.audit_rate
         size = policy.drift.window
+        # Per row only what differs (the answer's key, whether the edge was unsure, the audit
+        # draw); the counts go in once per key and the flags into the window as one slice.
+        keys: dict = {}
+        flags = bytearray()
+        escalated = 0
+        for i, p in enumerate(predictions):
+            source, reason = p.source, p.reason._value_  # a plain attribute (Enum.value is a descriptor)
+            key = (source, reason)
+            keys[key] = keys.get(key, 0) + 1
+            if source == "cloud":
+                escalated += 1
+                opinion = p.edge
+                if opinion is None:
+                    continue
+                flags.append(opinion.confidence < thresholds[opinion.class_index])
+            else:
+                flags.append(p.confidence < thresholds[p.class_index])
+                if rate and reason == _CONFIDENT and req.rng.random() < rate:
+                    audit.append(i)
         with self._lock:
             c = self._counts(version)
-            window = self._window
-            if self._window_version != version or window.maxlen != size:  # a new model or window: start again
-                window = self._window = deque(maxlen=size)
-                self._window_sum, self._window_version = 0, version
-            for i, p in enumerate(predictions):
-                reason = p.reason._value_  # a plain attribute (Enum.value is a descriptor)
-                c.answers[(p.source, reason)] += 1
-                if p.source == "cloud":
-                    c.escalated += 1
-                    opinion = p.edge
-                    if opinion is None:
-                        continue
-                    unsure = opinion.confidence < thresholds[opinion.class_index]
-                else:
-                    unsure = p.confidence < thresholds[p.class_index]
-                    if rate and reason == _CONFIDENT and req.rng.random() < rate:
-                        audit.append(i)
-                c.edge_ran += 1
-                c.unsure += unsure
-                if len(window) == size:
-                    self._window_sum -= window[0]
-                window.append(unsure)
-                self._window_sum += unsure
+            for key, k in keys.items():
+                c.answers[key] += k
+            c.escalated += escalated
+            unsure = flags.count(1)
+            c.edge_ran += len(flags)
+            c.unsure += unsure
+            if self._window_version != version or len(self._window) != size:  # a new model or window: start again
+                self._window = bytearray(size)
+                self._window_len = self._window_pos = self._window_sum = 0
+                self._window_version = version
+            if flags:
+                self._push(flags, unsure, size)
             # Looked at every 8th answer once the window is full: the band moves slowly.
             self._since_check += len(predictions)
-            check = self._since_check >= 8 and len(window) == size and version not in self._alarmed
+            full = self._window_len == size
+            check = self._since_check >= 8 and full and version not in self._alarmed
             if check:
                 self._since_check = 0
             share = self._window_sum / size
@@ -159,6 +172,30 @@ class FieldMonitor:
         if (policy.fleet_report_interval_s > 0 and not self._reporter_started and not policy.privacy_mode
                 and policy.mode is not Mode.EDGE_ONLY and req.endpoints):
             self._start_reporter()
+
+    def _push(self, flags: bytearray, ones: int, size: int) -> None:
+        """Append ``flags`` (``ones`` of them set) to the window ring, oldest first out (under the lock)."""
+        window = self._window
+        if len(flags) >= size:  # only the newest ``size`` stay
+            flags = flags[-size:]
+            ones = flags.count(1)
+            window[:] = flags
+            self._window_pos, self._window_len, self._window_sum = 0, size, ones
+            return
+        # Slots not yet filled hold 0, so counting the overwritten slice is right before the ring is full too.
+        pos, m = self._window_pos, len(flags)
+        end = pos + m
+        if end <= size:
+            gone = window.count(1, pos, end)
+            window[pos:end] = flags
+        else:  # wraps around the end of the ring
+            head = size - pos
+            gone = window.count(1, pos, size) + window.count(1, 0, end - size)
+            window[pos:] = flags[:head]
+            window[:end - size] = flags[head:]
+        self._window_sum += ones - gone
+        self._window_pos = end % size
+        self._window_len = min(size, self._window_len + m)
 
     def _enqueue(self, req, version: str, local, predictions, rows: list[int]) -> None:
         with self._lock:
@@ -411,8 +448,8 @@ class FieldMonitor:
                     "agreement": c.audits_agreed / audited if audited else None,
                     "agreement_ci": list(wilson(c.audits_agreed, audited, conf)) if audited else None,
                 }
-            window = {"version": self._window_version, "answers": len(self._window),
-                      "unsure_rate": self._window_sum / len(self._window) if self._window else None}
+            window = {"version": self._window_version, "answers": self._window_len,
+                      "unsure_rate": self._window_sum / self._window_len if self._window_len else None}
             alarm = dict(self.alarm) if self.alarm else None
         return {"edge_version": current_version, "versions": versions, "window": window,
                 "expected_escalation": self.expected_escalation(policy), "agreement_floor": policy.agreement_floor,

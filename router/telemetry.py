@@ -25,10 +25,11 @@ class Histogram:
         self.sum = 0.0
         self.n = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.n += 1
+    def observe(self, value: float, count: int = 1) -> None:
+        """``count`` observations of ``value`` (a batch's answers share one timing)."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+        self.n += count
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding the q-quantile (coarse, for dashboards)."""
@@ -85,22 +86,31 @@ class Telemetry:
                details: bool = True) -> None:
         """``details=False`` (a privacy request, unless the policy asks otherwise): the log line
         says where and why, not what -- no label, no confidence."""
+        # Counted per (source, reason, latency) group, not per answer: the answers of a batch
+        # share one Timings, so a confident batch of 64 is one counter add and one histogram add.
+        groups: dict = {}
+        fallbacks = 0
+        failure = None  # one request has at most one escalation: its failure counts once, not per row
+        for p in predictions:
+            g = (p.source, p.reason, p.timings.total_ms)
+            groups[g] = groups.get(g, 0) + 1
+            fallbacks += p.fallback
+            if failure is None:
+                failure = p.cloud_failure
         with self._lock:
             self.cloud_attempts += attempts
             self.bytes_sent += bytes_sent
-            # One request has at most one escalation: count its failure once, not per row.
-            failure = next((p.cloud_failure for p in predictions if p.cloud_failure is not None), None)
             if failure is not None:
                 self.cloud_failures[failure.category] += 1
-            for p in predictions:
-                self.requests += 1
-                key = (p.source, p.reason.value)
-                self.by_source_reason[key] += 1
+            self.requests += len(predictions)
+            self.fallbacks += fallbacks
+            for (source, reason, total_ms), count in groups.items():
+                key = (source, reason._value_)
+                self.by_source_reason[key] += count
                 hist = self.latency.get(key)
                 if hist is None:
                     hist = self.latency[key] = Histogram()
-                hist.observe(p.timings.total_ms)
-                self.fallbacks += p.fallback
+                hist.observe(total_ms, count)
         experiment = self.experiment
         if experiment is not None:
             experiment.record(predictions)

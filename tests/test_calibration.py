@@ -205,3 +205,21 @@ def test_apply_temperature_matches_softmax():
     assert p.dtype == np.float32
     with pytest.raises(CalibrationError):
         apply_temperature(logits, 0)
+
+
+# ----------------------------------------------------------------------------- the softmax's one-row path
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.05011, 0.37])
+def test_one_row_softmax_is_the_batch_formula_bit_for_bit(temperature):
+    """calibrated_softmax's batch-1 path (the router's hot path: ufuncs into a 0-d scratch)
+    gives each row exactly what the batch path gives it, and the copy what the in-place call gives."""
+    from edge_model.calibration import calibrated_softmax
+
+    logits = (np.random.default_rng(3).standard_normal((256, 10)) * 7).astype(np.float32)
+    batch = calibrated_softmax(logits, temperature)
+    for i in range(len(logits)):
+        one = calibrated_softmax(logits[i:i + 1], temperature)
+        np.testing.assert_array_equal(one[0], batch[i])
+        np.testing.assert_array_equal(calibrated_softmax(logits[i:i + 1].copy(), temperature, inplace=True), one)
+        np.testing.assert_array_equal(calibrated_softmax(logits[i], temperature), one)  # a 1-D row

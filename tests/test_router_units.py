@@ -292,3 +292,43 @@ def test_the_learned_answer_reserve_takes_the_worst_recent_cost_capped_and_forge
     now[0] = 61.0  # no failure for longer than max_age: forgotten
     assert cost.worst == 0.0
     assert _larger_reserve(0.004, 3.0) == 0.004 and _larger_reserve(0.002, 3.0) is None
+
+
+# ----------------------------------------------------------------------------- field monitor bookkeeping
+
+
+def test_field_window_ring_matches_a_sliding_window_over_batches_of_every_size():
+    """FieldMonitor.observe keeps the drift window as a ring written in slices: after any mix of
+    batch sizes (under, across and over the window's end) its share and counts equal a plain
+    sliding window's."""
+    import random
+    from collections import deque
+    from types import SimpleNamespace
+
+    from router.audit import FieldMonitor
+    from router.policy import Mode
+    from router.prediction import Reason
+
+    policy = parse_policy({"drift": {"window": 20}, "cloud": {"endpoints": []}, "audit_rate": 0.0})
+    monitor = FieldMonitor(SimpleNamespace(_release_cal=None, edge_model=None))
+    req = SimpleNamespace(edge_version="1", policy=policy, thresholds=(0.5,) * 10, privacy=False,
+                          mode=Mode.PREFER_EDGE, endpoints=(), rng=random.Random(0))
+    rng = random.Random(1)
+    ref: deque = deque(maxlen=20)
+    unsure = answers = 0
+    for size in [1, 3, 7, 19, 20, 21, 2, 45, 1, 1, 13, 8, 64, 5] * 3:
+        preds = []
+        for _ in range(size):
+            c = rng.random()
+            preds.append(SimpleNamespace(source="edge", reason=Reason.CONFIDENT, confidence=c, class_index=rng.randrange(10),
+                                         edge=None))
+            ref.append(c < 0.5)
+            unsure += c < 0.5
+        answers += size
+        monitor.observe(req, preds, None)
+        window = monitor.snapshot(policy, "1")["window"]
+        assert window["answers"] == len(ref)
+        assert window["unsure_rate"] == pytest.approx(sum(ref) / len(ref))
+        assert monitor._window_sum == sum(ref)
+    counts = monitor._versions["1"]
+    assert (counts.edge_ran, counts.unsure, counts.answers[("edge", "confident")]) == (answers, unsure, answers)
