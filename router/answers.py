@@ -16,7 +16,7 @@ from router.effects import CloudReply, LocalResult, RouteRequest
 from router.errors import CircuitOpen, PredictionUnavailable, PrivacyViolation
 from router.health import EndpointState
 from router.policy import Mode
-from router.prediction import CloudFailure, EdgeOpinion, Prediction, Reason, Timings, build
+from router.prediction import CloudFailure, EdgeOpinion, Prediction, Reason, Timings, build, build_from
 from router.rules import RouteContext, Verdict, after_cloud_failure
 
 
@@ -40,7 +40,8 @@ def assemble(
     other images' answers in ``.partial``) when some image has no answer. ``rows``: the edge's
     probabilities per image as Python lists (the flow converted the batch once)."""
     n = len(verdicts)
-    timings = build(Timings, edge_ms=local.edge_s * 1000.0, cloud_ms=cloud_s * 1000.0, total_ms=total_s * 1000.0)
+    timings = build_from(Timings, {"edge_ms": local.edge_s * 1000.0, "cloud_ms": cloud_s * 1000.0,
+                                   "total_ms": total_s * 1000.0})
     if not escalate:
         return _local_answers(req, local, cls, conf, rows, verdicts, timings, cloud_error)
     predictions: list[Prediction] = []
@@ -75,7 +76,7 @@ def assemble(
 def _local_answers(req: RouteRequest, local: LocalResult, cls, conf, rows, verdicts, timings: Timings,
                    cloud_error) -> list[Prediction]:
     """:func:`assemble` when no image escalated (a confident, private or local batch): the edge's
-    answers, each one dict of values (no per-image call layers: a batch of 64 builds 64)."""
+    answers, each one dict of values (no per-image call layers or keyword packing)."""
     labels, version, arm, rid = req.labels, req.edge_version, req.arm, req.request_id
     predictions: list[Prediction] = []
     failed: list[int] = []
@@ -85,11 +86,13 @@ def _local_answers(req: RouteRequest, local: LocalResult, cls, conf, rows, verdi
             failed.append(i)
             continue
         k = cls[i]
-        predictions.append(build(
-            Prediction, label=labels[k], class_index=k, confidence=conf[i], probabilities=rows[i], source="edge",
-            reason=verdict.reason, fallback=verdict.fallback, model_version=version, timings=timings, attempts=0,
-            request_id=rid if one else f"{rid}-{i}", endpoint=None, edge=None, cloud_failure=None, arm=arm,
-        ))
+        # A dict literal in the schema's field order (see build_from: no keyword packing per image).
+        predictions.append(build_from(Prediction, {
+            "label": labels[k], "class_index": k, "confidence": conf[i], "probabilities": rows[i], "source": "edge",
+            "reason": verdict.reason, "fallback": verdict.fallback, "model_version": version, "timings": timings,
+            "attempts": 0, "request_id": rid if one else f"{rid}-{i}", "endpoint": None, "edge": None,
+            "cloud_failure": None, "arm": arm,
+        }))
     if failed:
         raise unavailable(req, verdicts[failed[0]], local.edge_error, cloud_error, failed, len(verdicts), predictions)
     return predictions

@@ -416,9 +416,10 @@ class Router:
                 if type(im) is not np.ndarray or im.dtype != dtype or im.shape != shape:
                     break
             else:
-                # A batch of declared model input: one stack (a copy: the caller's arrays are never
-                # aliased) and one finiteness check instead of ~13 us of checks per image.
-                x = np.stack(work.images)
+                # A batch of declared model input: one copy (the caller's arrays are never aliased;
+                # np.array of equal-shaped arrays is np.stack's result at a third of its cost) and
+                # one finiteness check instead of ~13 us of checks per image.
+                x = np.array(work.images)
                 if _all_finite(x):
                     return self._run_edge(work, x, None, labels)
                 # otherwise the per-image path below names the image at fault

@@ -74,6 +74,12 @@ def build(cls: type[BaseModel], **values):
     if len(values) != len(_FIELDS[cls]):
         defaults = _DEFAULTS[cls]  # in field order: dumps keep the schema's order
         values = {k: values[k] if k in values else defaults[k] for k in cls.model_fields}
+    return build_from(cls, values)
+
+
+def build_from(cls: type[BaseModel], values: dict):
+    """:func:`build` from a dict giving every field, in schema order, taken as the instance's
+    state (not copied). For per-image loops: 15 keyword arguments cost ~3 us to pass here."""
     obj = cls.__new__(cls)
     object.__setattr__(obj, "__dict__", values)
     object.__setattr__(obj, "__pydantic_fields_set__", _FIELDS[cls])
