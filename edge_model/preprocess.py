@@ -256,11 +256,21 @@ def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: floa
 
 
 def _load_malloc_trim():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+    # glibc's soname first: ctypes.util.find_library runs `ldconfig -p` in a subprocess (10-40 ms
+    # of every import of this module, i.e. of the router's cold start).
+    if os.name != "posix":
         return None
+    for find in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
+        name = find()
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name).malloc_trim
+        except OSError:  # no library by this name: try the next
+            continue
+        except AttributeError:  # not glibc (musl, macOS): nothing to trim
+            return None
+    return None
 
 
 _MALLOC_TRIM = _load_malloc_trim()
