@@ -58,6 +58,9 @@ class _LazyViews(Sequence):
         return iter(self._get())
 
 
+_context = tuple.__new__
+
+
 def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, Any, RouteOutcome]:
     """One request as a generator of effects; returns a :class:`RouteOutcome` or raises a RouterError."""
     policy = req.policy
@@ -82,26 +85,28 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
     now = clock()
     # The escalation budget's cap for the next image that would escalate (looked at, not charged).
     gate = Gate(req.budget, n, req.endpoints) if needs_net and req.budget is not None else NO_GATE
-    # Every rule sees one context per image, built positionally (RouteContext's field order):
-    # only the edge's class threshold, its confidence and the budget's cap differ between images.
+    # Every rule sees one context per image, every field given in RouteContext's order and made
+    # as namedtuple's own _make makes it (tuple.__new__: half the cost of its Python-level
+    # __new__, per image): only the class threshold, the confidence and the cap differ.
     mode, privacy, deadline, selection = req.mode, req.privacy, req.deadline, policy.cloud.selection
     thresholds = req.thresholds
     contexts: list[RouteContext] = []
     verdicts: list = []
     if probs is None:
         for _ in range(n):
-            ctx = RouteContext(mode, privacy, now, deadline, reserve, 1.0, None, views, selection, gate.cap)
+            ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, 1.0, None, views, selection, gate.cap))
             contexts.append(ctx)
             verdicts.append(verdict := decide(ctx))
             gate.saw(verdict)
     elif gate is NO_GATE:  # no budget: the cap stays None, nothing to tell the gate
         for k, c in zip(cls, conf):
-            ctx = RouteContext(mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection, None)
+            ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection, None))
             contexts.append(ctx)
             verdicts.append(decide(ctx))
     else:
         for k, c in zip(cls, conf):
-            ctx = RouteContext(mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection, gate.cap)
+            ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection,
+                                          gate.cap))
             contexts.append(ctx)
             verdicts.append(verdict := decide(ctx))
             gate.saw(verdict)

@@ -332,3 +332,12 @@ def test_field_window_ring_matches_a_sliding_window_over_batches_of_every_size()
         assert monitor._window_sum == sum(ref)
     counts = monitor._versions["1"]
     assert (counts.edge_ran, counts.unsure, counts.answers[("edge", "confident")]) == (answers, unsure, answers)
+
+
+def test_flow_builds_route_contexts_in_the_rule_tables_field_order():
+    """router.flow makes each RouteContext from a positional tuple (tuple.__new__, per image):
+    a field added to or moved in the context must be added there too."""
+    from router.rules import RouteContext
+
+    assert RouteContext._fields == ("mode", "privacy", "now", "deadline", "reserve_s", "threshold", "confidence",
+                                    "endpoints", "selection", "escalation_cap")
