@@ -170,6 +170,8 @@ class ServedModel:
                 if self.config.channels == 1 else f"[-1,{pixel}] raw pixels 0-255 in the model's layout")
         data["parameters"] = {
             "accepts_uint8_pixels": self.image,  # the router's v2 client looks for this to send compact UINT8
+            # the pixels' channel order: a client whose edge uses the other (RGB/BGR) reverses it
+            **({"color": self.config.color} if self.image else {}),
             "labels": ",".join(self.labels),
             "labels_json": json.dumps(list(self.labels), ensure_ascii=False),
             "labels_sha256": labels_digest(self.labels),

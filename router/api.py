@@ -116,6 +116,12 @@ class _Snapshot:
     experiment: ExperimentPlan | None = None  # the A/B arms (policy `experiments`)
 
 
+def _edge_form(pre: PreprocessConfig):
+    """The edge's input as the cloud client arranges pixels for it: ``(sample_shape, layout, color)``
+    (``None`` for a tensor model)."""
+    return None if pre.codec == "tensor" else (pre.sample_shape, pre.layout, pre.color)
+
+
 class Router:
     """Answers on-device or escalates to the cloud, per request; see the module docstring.
 
@@ -171,7 +177,8 @@ class Router:
         # Under privacy the client gets no endpoints: preparing real ones imports the async stack.
         self._cloud = CloudClient(CloudSettings() if policy.privacy_mode else policy.cloud, transport,
                                   classes=len(self._labels),  # answers with another class count are refused
-                                  labels=self._labels)  # and endpoints publishing other labels
+                                  labels=self._labels,  # and endpoints publishing other labels
+                                  edge_form=_edge_form(self._pre))  # pixels arranged as each endpoint takes them
         self._warm(policy)
         self._updater = None
         if policy.updates.enabled:  # the signed release channel (optional extra), never on the request path
@@ -267,9 +274,9 @@ class Router:
             pre = PreprocessConfig(**{**pre.__dict__, "max_pixels": self._snap.policy.edge.max_pixels})
         with self._lock:
             self._pre = pre
-            if tuple(edge.labels) != tuple(self._labels):
+            if tuple(edge.labels) != tuple(self._labels) or _edge_form(pre) != self._cloud.edge_form:
                 self._labels = edge.labels
-                self._cloud.relabel(self._labels, self._snap.states)
+                self._cloud.relabel(self._labels, self._snap.states, _edge_form(pre))
             self._release_cal = getattr(edge.manifest, "calibration", None) if release else None
             self._edge, self._edge_error, self._edge_version = edge, None, edge.version
             self._snap = self._snapshot(self._snap.policy, {s.key: s for s in self._snap.states})

@@ -7,7 +7,10 @@ wire-protocol module); :class:`CloudClient` is the thin I/O shell around them. I
 conforming v2 server -- ours, Triton, KServe, MLServer:
 
 * reads model metadata to learn the input name, datatype and shape; sends the compact UINT8 raw
-  pixels when the model takes them, else normalised FP32;
+  pixels when the model takes them, else normalised FP32; pixels are arranged in the endpoint's
+  layout (NCHW/NHWC) and channel order (RGB/BGR, when the server publishes it); an endpoint whose
+  input geometry (size, channels) is not the edge's is refused as incompatible at the first
+  contact -- never sent pixels it would read in the wrong order;
 * judges health by status code only (bodies differ across servers), tolerates ``null`` optional
   fields and extra fields;
 * carries the request's remaining budget as ``parameters.timeout`` (microseconds, as Triton);
@@ -125,6 +128,9 @@ class ModelInfo:
     labels: Optional[tuple[str, ...]] = None  # what the server published, if anything
     labels_sha256: Optional[str] = None
     incompatible: Optional[str] = None  # why this endpoint's model cannot answer for the edge's labels
+    color: Optional[str] = None  # the pixels' channel order the server publishes (L, RGB, BGR), if any
+    axes: Optional[tuple[int, ...]] = None  # transpose of the edge's [N, ...] input into the endpoint's layout
+    flip_axis: Optional[int] = None  # reverse this axis (RGB <-> BGR) after ``axes``
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -158,7 +164,43 @@ def parse_metadata(body: bytes, endpoint: Endpoint) -> ModelInfo:
     elif isinstance(params.get("labels"), str) and params["labels"]:
         labels = tuple(params["labels"].split(","))  # older servers: comma-joined
     digest = params.get("labels_sha256") if isinstance(params.get("labels_sha256"), str) else None
-    return ModelInfo(inp.name, datatype, tuple(inp.shape), tuple(meta.versions or ()), meta.platform, labels, digest)
+    color = params.get("color") if params.get("color") in ("L", "RGB", "BGR") else None
+    return ModelInfo(inp.name, datatype, tuple(inp.shape), tuple(meta.versions or ()), meta.platform, labels, digest,
+                     color=color)
+
+
+def plan_input(info: ModelInfo, edge_form: Optional[tuple[tuple[int, ...], str, str]]) -> ModelInfo | str:
+    """``info`` with how the edge's input is arranged for this endpoint, or why it cannot be.
+
+    ``edge_form``: the edge's ``(sample_shape, layout, color)`` (``None``: a tensor model, sent as
+    the app gave it). The endpoint's sample shape is its metadata shape without the batch
+    dimension (``-1`` matches any size). Same geometry: sent as is; the other layout of the same
+    channels and size: transposed; another channel order (the server says RGB or BGR): reversed.
+    A model taking another size or channel count would read the pixels in the wrong places --
+    refused, naming both shapes. A flat or squeezed tail of the same element count (``[N, 784]``
+    for a 1-channel 28x28 model) is sent in the edge's order, as before."""
+    if edge_form is None or info.datatype in ("INT64", "INT32") or len(info.shape) < 2:
+        return info
+    (shape, layout, color), tail = edge_form, tuple(info.shape[1:])
+    c = 1 if color == "L" else 3
+    h, w = (shape[1], shape[2]) if layout == "NCHW" else (shape[0], shape[1])
+
+    def fits(want: tuple[int, ...]) -> bool:
+        return len(want) == len(tail) and all(t in (-1, None) or t == v for t, v in zip(tail, want))
+
+    nchw, nhwc = (c, h, w), (h, w, c)
+    if fits(shape):
+        axes, channel_axis = None, (1 if layout == "NCHW" else 3)
+    elif fits(nhwc if layout == "NCHW" else nchw):
+        axes = (0, 2, 3, 1) if layout == "NCHW" else (0, 3, 1, 2)
+        channel_axis = 3 if layout == "NCHW" else 1
+    elif c == 1 and all(t not in (-1, None) for t in tail) and int(np.prod(tail)) == h * w:
+        return info  # [N, H, W], [N, H*W], ...: one channel has one order
+    else:
+        return (f"it takes input {[-1, *tail]}; the edge model makes {[-1, *shape]} ({layout} {color}): "
+                "serve a cloud model with the edge's input size and channel count")
+    flip = channel_axis if c == 3 and info.color in ("RGB", "BGR") and info.color != color else None
+    return ModelInfo(**{**info.__dict__, "axes": axes, "flip_axis": flip})
 
 
 def check_labels(info: ModelInfo, endpoint: Endpoint, edge_labels) -> Optional[CloudIncompatible]:
@@ -205,16 +247,18 @@ def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels:
     """The v2 request for ``x`` (normalised ``[N,1,H,W]``) or its raw ``pixels`` (``[N,H,W]``)."""
     n = len(x)
     if info.datatype == "UINT8" and pixels is not None:
-        data = pixels.reshape(-1).tolist()
-        datatype = "UINT8"
+        arr, datatype = pixels.reshape(x.shape), "UINT8"  # in the edge's sample shape, as x
     elif x.dtype.kind in "iu":  # a uint8-input model's pixels, or a tensor model's integers
-        data = x.reshape(-1).tolist()
-        datatype = {"uint8": "UINT8", "int32": "INT32"}.get(x.dtype.name, "INT64")
+        arr, datatype = x, {"uint8": "UINT8", "int32": "INT32"}.get(x.dtype.name, "INT64")
     else:
-        data = x.reshape(-1).tolist()
-        datatype = "FP32"
-    tail = [d for d in info.shape[1:]] or [1, 28, 28]
-    if int(np.prod(tail)) * n != len(data):  # a model that wants e.g. [N, 784] or [N, 28, 28]
+        arr, datatype = x, "FP32"
+    if info.axes is not None:  # into the endpoint's layout (plan_input)
+        arr = arr.transpose(info.axes)
+    if info.flip_axis is not None:  # RGB <-> BGR
+        arr = np.flip(arr, axis=info.flip_axis)
+    data = arr.reshape(-1).tolist()
+    tail = [int(d) for d in arr.shape[1:]] if info.axes is not None else ([d for d in info.shape[1:]] or [1, 28, 28])
+    if -1 in tail or int(np.prod(tail)) * n != len(data):  # a model that wants e.g. [N, 784] or [N, 28, 28]
         tail = [int(d) for d in x.shape[1:]]
     body = {
         "id": request_id,
@@ -515,9 +559,11 @@ class CloudClient:
     ``classes``: the edge model's label count; answers with another count are refused."""
 
     def __init__(self, settings: CloudSettings, transport: httpx.AsyncBaseTransport | None = None,
-                 *, classes: Optional[int] = None, labels=None) -> None:
+                 *, classes: Optional[int] = None, labels=None, edge_form=None) -> None:
         self.settings = settings
         self.labels = None if labels is None else tuple(labels)  # the edge's: servers publishing others are refused
+        # The edge's (sample_shape, layout, color), None for a tensor model: how pixels are arranged per endpoint.
+        self.edge_form = edge_form
         self.classes = len(self.labels) if classes is None and self.labels is not None else classes
         self._transport = transport
         self._contexts: dict[tuple, ssl.SSLContext] = {}
@@ -528,17 +574,27 @@ class CloudClient:
         self._pools_lock = threading.Lock()
         self.prepare(settings)
 
-    def relabel(self, labels, states) -> None:
-        """The edge now has ``labels`` (a hot-swapped release): answers are checked against them and
-        each endpoint's published labels are compared again; a mismatch makes it incompatible
-        (named in the error), a match makes it usable again."""
+    def relabel(self, labels, states, edge_form=None) -> None:
+        """The edge now has ``labels`` (a hot-swapped release) and input form: answers are checked
+        against them and each endpoint's published labels and input are compared again; a mismatch
+        makes it incompatible (named in the error), a match makes it usable again."""
         self.labels = tuple(labels)
         self.classes = len(self.labels)
+        if edge_form is not None:
+            self.edge_form = edge_form
         for state in states:
             info = state.meta
             if info is not None:
-                refusal = check_labels(info, state.endpoint, self.labels)
-                state.meta = ModelInfo(**{**info.__dict__, "incompatible": None if refusal is None else str(refusal)})
+                fresh = ModelInfo(**{**info.__dict__, "incompatible": None, "axes": None, "flip_axis": None})
+                refusal = check_labels(fresh, state.endpoint, self.labels)
+                why = None if refusal is None else str(refusal)
+                if why is None:
+                    planned = plan_input(fresh, self.edge_form)
+                    if isinstance(planned, str):
+                        why = f"{state.endpoint.label}: {planned}"
+                    else:
+                        fresh = planned
+                state.meta = ModelInfo(**{**fresh.__dict__, "incompatible": why})
 
     def prepare(self, settings: CloudSettings) -> None:
         """Adopt (new) settings. Building a verifying SSL context loads a CA bundle -- hundreds of
@@ -739,6 +795,12 @@ class CloudClient:
             raise error_from_status(status, httpx.Headers(headers), content, ep)
         info = parse_metadata(content, ep)
         refusal = check_labels(info, ep, self.labels)
+        if refusal is None:
+            planned = plan_input(info, self.edge_form)
+            if isinstance(planned, str):
+                refusal = CloudIncompatible(f"{ep.label}: {planned}", endpoint=ep.label)
+            else:
+                info = planned
         if refusal is not None:
             state.meta = ModelInfo(**{**info.__dict__, "incompatible": str(refusal)})
             raise refusal

@@ -277,3 +277,67 @@ def test_quantize_reports_sizes_accuracy_and_latency(tmp_path):
     text = "\n".join(report.lines())
     assert "file size" in text and "batch-1 latency" in text and ("SLOWER" in text or "faster" in text)
     OnnxClassifier(report.manifest_path).classify([photo(0)])
+
+
+# -- the edge's pixels reach a cloud model of another layout / channel order / size ------------------
+
+@pytest.mark.parametrize("edge_in, cloud_in, cloud_kw", [
+    ((3, 32, 32), (32, 32, 3), {}),                      # NCHW edge, NHWC cloud: transposed
+    ((32, 32, 3), (3, 32, 32), {}),                      # NHWC edge, NCHW cloud
+    ((3, 32, 32), (3, 32, 32), {"color": "BGR"}),        # same layout, other channel order: reversed
+    ((32, 32, 3), (3, 32, 32), {"color": "BGR"}),        # both at once
+])
+def test_pixels_are_arranged_as_the_cloud_model_takes_them(tmp_path, edge_in, cloud_in, cloud_kw):
+    """Through the real service the router's answer is the cloud model's own answer on the same photo:
+    same element count in another order would otherwise be read silently wrong."""
+    lf = labels_file(tmp_path, FIVE)
+    e = import_model(make_onnx(tmp_path / "e.onnx", edge_in, 5, seed=1), lf, tmp_path / "e", color="RGB")
+    c = import_model(make_onnx(tmp_path / "c.onnx", cloud_in, 5, seed=2), lf, tmp_path / "c",
+                     **{"color": "RGB", **cloud_kw})
+    cloud, edge = OnnxClassifier(c.manifest_path), OnnxClassifier(e.manifest_path)
+    im = photo(3)
+    want = cloud.classify([im])[0]
+    with running_service({"model": {"manifest": str(c.manifest_path), "name": "byom"}}) as svc:
+        with _router(svc.url, edge, "byom") as router:
+            got = router.predict(im, mode="cloud_only")
+    assert got.source == "cloud"
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-4)
+
+
+def test_a_cloud_model_of_another_input_size_is_refused_naming_both_shapes(tmp_path):
+    lf = labels_file(tmp_path, FIVE)
+    e = import_model(make_onnx(tmp_path / "e.onnx", (3, 32, 32), 5, seed=1), lf, tmp_path / "e", color="RGB")
+    c = import_model(make_onnx(tmp_path / "c.onnx", (3, 48, 48), 5, seed=2), lf, tmp_path / "c", color="RGB")
+    with running_service({"model": {"manifest": str(c.manifest_path), "name": "byom"}}) as svc:
+        with _router(svc.url, OnnxClassifier(e.manifest_path), "byom") as router:
+            with pytest.raises(PredictionUnavailable) as info:
+                router.predict(photo(1), mode="cloud_only")
+            p = router.predict(photo(1), mode="prefer_cloud")  # the edge answers instead
+    err = info.value.cloud_error
+    assert isinstance(err, CloudIncompatible)
+    assert "[-1, 3, 48, 48]" in str(err) and "[-1, 3, 32, 32]" in str(err)
+    assert p.source == "edge" and p.cloud_failure.category == "incompatible"
+
+
+@pytest.mark.parametrize("edge, tail, color, want", [
+    (((1, 28, 28), "NCHW", "L"), (1, 28, 28), None, (None, None)),
+    (((1, 28, 28), "NCHW", "L"), (28, 28), None, (None, None)),          # squeezed: one channel, one order
+    (((1, 28, 28), "NCHW", "L"), (784,), None, (None, None)),            # flat
+    (((3, 8, 8), "NCHW", "RGB"), (3, 8, 8), "RGB", (None, None)),
+    (((3, 8, 8), "NCHW", "RGB"), (8, 8, 3), None, ((0, 2, 3, 1), None)),
+    (((8, 8, 3), "NHWC", "RGB"), (3, 8, 8), None, ((0, 3, 1, 2), None)),
+    (((8, 8, 3), "NHWC", "RGB"), (8, 8, 3), "BGR", (None, 3)),
+    (((3, 8, 8), "NCHW", "BGR"), (8, 8, 3), "RGB", ((0, 2, 3, 1), 3)),
+    (((3, 8, 8), "NCHW", "RGB"), (3, -1, -1), None, (None, None)),       # dynamic size
+    (((3, 8, 8), "NCHW", "RGB"), (3, 16, 16), None, "refused"),
+    (((1, 28, 28), "NCHW", "L"), (3, 28, 28), None, "refused"),
+    (((3, 8, 8), "NCHW", "RGB"), (8, 8), None, "refused"),
+])
+def test_plan_input_table(edge, tail, color, want):
+    from router.cloud import ModelInfo, plan_input
+
+    got = plan_input(ModelInfo("input", "UINT8", (-1, *tail), color=color), edge)
+    if want == "refused":
+        assert isinstance(got, str) and "edge model makes" in got
+    else:
+        assert (got.axes, got.flip_axis) == want
