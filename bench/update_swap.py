@@ -76,6 +76,7 @@ def _wait(cond, timeout: float, what: str) -> None:
 def _versioned(manifest: Path, folder: Path, version: str) -> Path:
     """``manifest``'s model under another version number (same bytes: only the manifest differs)."""
     m = json.loads(manifest.read_text())
+    folder = folder / m["sha256"][:12]  # one folder per model: both ship a file named edge-int8.onnx
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / m["file"]).exists():
         shutil.copy(manifest.parent / m["file"], folder / m["file"])
