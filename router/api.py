@@ -76,7 +76,9 @@ _FIRST_REQUEST_MODULES = (
 
 class _AnswerCost:
     """How long answering took, recently, after an escalation failed: from the failed attempt's
-    return to the caller getting its answer (the fallback built, telemetry recorded). When many
+    return -- or its planned end, if it returned later: a thread woken by its timeout may wait
+    for the GIL (up to a switch interval, 5 ms) while others run -- to the caller getting its
+    answer (the fallback built, telemetry recorded). When many
     requests time out together (a wave of callers, one deadline) they queue for the GIL and the
     last one pays for all; the flow keeps this much of the deadline back (at least the policy's
     ``budget_reserve_ms``) so the attempts end early enough for every answer to be on time.
@@ -517,8 +519,9 @@ class Router:
                     result = local = self._local(effect, req.labels)
                 elif kind is CloudCall:
                     attempts += 1
+                    ends = time.perf_counter() + effect.remaining_s()
                     result = self._cloud_sync(effect)
-                    failed_at = None if type(result) is CloudReply else time.perf_counter()
+                    failed_at = None if type(result) is CloudReply else min(time.perf_counter(), ends)
                 elif kind is Sleep:
                     time.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None
@@ -633,8 +636,9 @@ class Router:
                 elif kind is CloudCall:
                     attempts += 1
                     self._start_probe()
+                    ends = time.perf_counter() + effect.remaining_s()
                     result = await self._cloud_async(effect)
-                    failed_at = None if type(result) is CloudReply else time.perf_counter()
+                    failed_at = None if type(result) is CloudReply else min(time.perf_counter(), ends)
                 elif kind is Sleep:
                     await asyncio.sleep(max(0.0, min(effect.seconds, req.deadline - self._clock())))
                     result = None

@@ -228,7 +228,7 @@ class RoutingPolicy(_Strict):
     confidence_threshold: float = Field(0.8, ge=0, le=1)
     class_thresholds: dict[str, float] = Field(default_factory=dict, description="per-label overrides (name or index)")
     default_deadline_ms: float = Field(150.0, gt=0)
-    budget_reserve_ms: float = Field(3.0, ge=0, description="kept back to answer locally after a failed escalation")
+    budget_reserve_ms: float = Field(5.0, ge=0, description="kept back to answer locally after a failed escalation")
     edge: EdgeSettings = EdgeSettings()
     updates: UpdateSettings = UpdateSettings()
     cloud: CloudSettings = CloudSettings()
