@@ -172,6 +172,9 @@ class ServedModel:
             "accepts_uint8_pixels": self.image,  # the router's v2 client looks for this to send compact UINT8
             # the pixels' channel order: a client whose edge uses the other (RGB/BGR) reverses it
             **({"color": self.config.color} if self.image else {}),
+            # how it resizes: a client whose edge model takes another size makes these pixels itself
+            **({"preprocess_json": json.dumps({k: getattr(self.config, k) for k in (
+                "resize", "interpolation", "crop_fraction", "invert")})} if self.image else {}),
             "labels": ",".join(self.labels),
             "labels_json": json.dumps(list(self.labels), ensure_ascii=False),
             "labels_sha256": labels_digest(self.labels),

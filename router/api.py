@@ -119,9 +119,8 @@ class _Snapshot:
 
 
 def _edge_form(pre: PreprocessConfig):
-    """The edge's input as the cloud client arranges pixels for it: ``(sample_shape, layout, color)``
-    (``None`` for a tensor model)."""
-    return None if pre.codec == "tensor" else (pre.sample_shape, pre.layout, pre.color)
+    """The edge's input as the cloud client arranges pixels for it (``None`` for a tensor model)."""
+    return None if pre.codec == "tensor" else pre
 
 
 class Router:

@@ -223,7 +223,10 @@ class FieldMonitor:
         x = local.x[idx].copy()  # the request's buffers are the caller's again once it returns
         pixels = None if local.pixels is None else local.pixels[idx].copy()
         edge_cls = [predictions[i].class_index for i in rows]
-        item = (req, version, x, pixels, edge_cls)
+        # The inputs too, for an endpoint whose model takes another input size (arrays copied, as x).
+        images = None if req.normalised else [
+            im.copy() if isinstance(im, np.ndarray) else im for im in (req.images[i] for i in rows)]
+        item = (req, version, x, pixels, edge_cls, images)
         try:
             io = self._router._ensure_io()
             if self._queue is None:
@@ -242,9 +245,9 @@ class FieldMonitor:
     async def _drain(self, queue: asyncio.Queue) -> None:
         self._loop_tasks.append(asyncio.current_task())
         while True:
-            req, version, x, pixels, edge_cls = await queue.get()
+            req, version, x, pixels, edge_cls, images = await queue.get()
             try:
-                await self._audit(req, version, x, pixels, edge_cls)
+                await self._audit(req, version, x, pixels, edge_cls, images)
             except Exception:  # noqa: BLE001 -- an audit never takes the drainer down
                 log.exception("field audit failed")
                 with self._lock:
@@ -253,7 +256,7 @@ class FieldMonitor:
                 with self._lock:
                     self._pending -= len(edge_cls)
 
-    async def _audit(self, req, version: str, x, pixels, edge_cls: list[int]) -> None:
+    async def _audit(self, req, version: str, x, pixels, edge_cls: list[int], images=None) -> None:
         router = self._router
         snap = router._snap
         policy = snap.policy
@@ -279,7 +282,7 @@ class FieldMonitor:
         timeout = policy.cloud.per_try_timeout_ms / 1000.0
         now = router._clock()
         reply = await router._cloud.infer(CloudCall(state, x, pixels, timeout, timeout, f"{req.request_id}.audit",
-                                                    deadline=now + timeout, clock=router._clock))
+                                                    deadline=now + timeout, clock=router._clock, images=images))
         if not isinstance(reply, CloudReply):
             with self._lock:
                 self._counts(version).audits_failed += rows

@@ -8,9 +8,10 @@ conforming v2 server -- ours, Triton, KServe, MLServer:
 
 * reads model metadata to learn the input name, datatype and shape; sends the compact UINT8 raw
   pixels when the model takes them, else normalised FP32; pixels are arranged in the endpoint's
-  layout (NCHW/NHWC) and channel order (RGB/BGR, when the server publishes it); an endpoint whose
-  input geometry (size, channels) is not the edge's is refused as incompatible at the first
-  contact -- never sent pixels it would read in the wrong order;
+  layout (NCHW/NHWC) and channel order (RGB/BGR, when the server publishes it); for a model of
+  another input size or channel count they are made from the caller's images at its size
+  (:func:`plan_input`); an FP32-only server of another geometry is refused as incompatible at
+  the first contact -- never sent pixels it would read in the wrong order;
 * judges health by status code only (bodies differ across servers), tolerates ``null`` optional
   fields and extra fields;
 * carries the request's remaining budget as ``parameters.timeout`` (microseconds, as Triton);
@@ -129,8 +130,13 @@ class ModelInfo:
     labels_sha256: Optional[str] = None
     incompatible: Optional[str] = None  # why this endpoint's model cannot answer for the edge's labels
     color: Optional[str] = None  # the pixels' channel order the server publishes (L, RGB, BGR), if any
+    preprocess: Optional[dict] = None  # how the server resizes (resize, interpolation, crop_fraction, invert)
     axes: Optional[tuple[int, ...]] = None  # transpose of the edge's [N, ...] input into the endpoint's layout
     flip_axis: Optional[int] = None  # reverse this axis (RGB <-> BGR) after ``axes``
+    # A model of another input size or channel count: its pixels are made from the caller's images
+    # with this config (edge_model.preprocess.PreprocessConfig), sent in this shape (no batch dim).
+    pixels_config: Optional[object] = None
+    pixels_tail: Optional[tuple[int, ...]] = None
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -165,23 +171,39 @@ def parse_metadata(body: bytes, endpoint: Endpoint) -> ModelInfo:
         labels = tuple(params["labels"].split(","))  # older servers: comma-joined
     digest = params.get("labels_sha256") if isinstance(params.get("labels_sha256"), str) else None
     color = params.get("color") if params.get("color") in ("L", "RGB", "BGR") else None
+    preprocess = None
+    if isinstance(params.get("preprocess_json"), str):
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(params["preprocess_json"])
+            preprocess = parsed if isinstance(parsed, dict) else None
     return ModelInfo(inp.name, datatype, tuple(inp.shape), tuple(meta.versions or ()), meta.platform, labels, digest,
-                     color=color)
+                     color=color, preprocess=preprocess)
 
 
-def plan_input(info: ModelInfo, edge_form: Optional[tuple[tuple[int, ...], str, str]]) -> ModelInfo | str:
+def plan_input(info: ModelInfo, edge) -> ModelInfo | str:
     """``info`` with how the edge's input is arranged for this endpoint, or why it cannot be.
 
-    ``edge_form``: the edge's ``(sample_shape, layout, color)`` (``None``: a tensor model, sent as
-    the app gave it). The endpoint's sample shape is its metadata shape without the batch
-    dimension (``-1`` matches any size). Same geometry: sent as is; the other layout of the same
-    channels and size: transposed; another channel order (the server says RGB or BGR): reversed.
-    A model taking another size or channel count would read the pixels in the wrong places --
-    refused, naming both shapes. A flat or squeezed tail of the same element count (``[N, 784]``
-    for a 1-channel 28x28 model) is sent in the edge's order, as before."""
-    if edge_form is None or info.datatype in ("INT64", "INT32") or len(info.shape) < 2:
+    ``edge``: the edge's ``PreprocessConfig`` (or a ``(sample_shape, layout, color)`` tuple;
+    ``None``: a tensor model, sent as the app gave it). The endpoint's sample shape is its metadata
+    shape without the batch dimension (``-1`` matches any size).
+    * Same geometry: the edge's pixels as they are.
+    * The other layout of the same channels and size: transposed; another channel order (the
+      server says RGB or BGR): reversed.
+    * Another size or channel count, at an endpoint taking UINT8 pixels: each request's pixels are
+      made from the caller's images at the endpoint's size, channels and layout (resize policy as
+      the server publishes it, else the edge's) -- the edge's small pixels are never upscaled.
+    * Otherwise (an FP32-only server of another geometry: its normalisation is unknown): refused,
+      naming both shapes.
+    A flat or squeezed tail of the same element count (``[N, 784]`` for a 1-channel 28x28 model)
+    is sent in the edge's order, as before."""
+    if edge is None or info.datatype in ("INT64", "INT32") or len(info.shape) < 2:
         return info
-    (shape, layout, color), tail = edge_form, tuple(info.shape[1:])
+    cfg = None if isinstance(edge, tuple) else edge
+    if cfg is not None:
+        if getattr(cfg, "codec", "image") == "tensor":
+            return info
+        edge = (cfg.sample_shape, cfg.layout, cfg.color)
+    (shape, layout, color), tail = edge, tuple(info.shape[1:])
     c = 1 if color == "L" else 3
     h, w = (shape[1], shape[2]) if layout == "NCHW" else (shape[0], shape[1])
 
@@ -197,10 +219,59 @@ def plan_input(info: ModelInfo, edge_form: Optional[tuple[tuple[int, ...], str, 
     elif c == 1 and all(t not in (-1, None) for t in tail) and int(np.prod(tail)) == h * w:
         return info  # [N, H, W], [N, H*W], ...: one channel has one order
     else:
-        return (f"it takes input {[-1, *tail]}; the edge model makes {[-1, *shape]} ({layout} {color}): "
-                "serve a cloud model with the edge's input size and channel count")
+        made = _endpoint_pixels_config(info, tail, cfg) if info.datatype == "UINT8" and cfg is not None else None
+        if made is None:
+            return (f"it takes input {[-1, *tail]}; the edge model makes {[-1, *shape]} ({layout} {color}): "
+                    "serve a cloud model with the edge's input size and channel count, or one that takes "
+                    "UINT8 pixels")
+        return ModelInfo(**{**info.__dict__, "pixels_config": made[0], "pixels_tail": made[1]})
     flip = channel_axis if c == 3 and info.color in ("RGB", "BGR") and info.color != color else None
     return ModelInfo(**{**info.__dict__, "axes": axes, "flip_axis": flip})
+
+
+def _endpoint_pixels_config(info: ModelInfo, tail: tuple, edge_cfg):
+    """``(PreprocessConfig, tail)`` making an endpoint's UINT8 pixels from the caller's images, or
+    None when its input is not an image shape: ``[H, W]``, ``[C, H, W]`` or ``[H, W, C]``, C 1 or 3;
+    a dynamic size takes the edge's."""
+    from edge_model.preprocess import PreprocessConfig
+
+    dims = [None if t in (-1, None) else int(t) for t in tail]
+    if len(dims) == 2:
+        c, h, w, layout = 1, dims[0], dims[1], "NCHW"
+    elif len(dims) == 3 and dims[0] in (1, 3):
+        c, h, w, layout = dims[0], dims[1], dims[2], "NCHW"
+    elif len(dims) == 3 and dims[2] in (1, 3):
+        h, w, c, layout = dims[0], dims[1], dims[2], "NHWC"
+    else:
+        return None
+    h, w = h or edge_cfg.height, w or edge_cfg.width
+    if c == 1:
+        color = "L"
+    else:
+        color = info.color if info.color in ("RGB", "BGR") else (edge_cfg.color if edge_cfg.color != "L" else "RGB")
+    published = {k: v for k, v in (info.preprocess or {}).items()
+                 if k in ("resize", "interpolation", "crop_fraction", "invert")}
+    try:
+        made = PreprocessConfig(**{**edge_cfg.__dict__, **published, "height": h, "width": w, "color": color,
+                                   "layout": layout, "mean": 0.0, "std": 1.0})
+    except (TypeError, ValueError):
+        return None
+    out = tuple(d if d is not None else v for d, v in zip(dims, (h, w) if len(dims) == 2 else made.sample_shape))
+    return made, out
+
+
+def endpoint_pixels(info: ModelInfo, images, label: str) -> np.ndarray:
+    """The UINT8 pixels an endpoint of another input size takes, made from the caller's images."""
+    from edge_model.preprocess import to_pixels
+
+    if images is None:
+        raise CloudIncompatible(f"{label}: its model takes {[-1, *info.pixels_tail]} pixels, made from the "
+                                "caller's images; a normalised float input has none", endpoint=label)
+    try:
+        return np.stack([to_pixels(im, info.pixels_config) for im in images])
+    except Exception as exc:  # noqa: BLE001 -- the edge took this input; say why this endpoint cannot
+        raise CloudIncompatible(f"{label}: cannot make its {[-1, *info.pixels_tail]} pixels: {exc}",
+                                endpoint=label) from None
 
 
 def check_labels(info: ModelInfo, endpoint: Endpoint, edge_labels) -> Optional[CloudIncompatible]:
@@ -246,6 +317,15 @@ def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels:
                      budget_s: float, request_id: str) -> bytes:
     """The v2 request for ``x`` (normalised ``[N,1,H,W]``) or its raw ``pixels`` (``[N,H,W]``)."""
     n = len(x)
+    if info.pixels_config is not None:  # pixels made for this endpoint (endpoint_pixels)
+        body = {
+            "id": request_id,
+            "parameters": budget_parameters(budget_s),
+            "inputs": [{"name": info.input_name, "shape": [n, *info.pixels_tail], "datatype": "UINT8",
+                        "data": pixels.reshape(-1).tolist()}],
+            "outputs": [{"name": endpoint.output_name}],
+        }
+        return json.dumps(body, separators=(",", ":")).encode()
     if info.datatype == "UINT8" and pixels is not None:
         arr, datatype = pixels.reshape(x.shape), "UINT8"  # in the edge's sample shape, as x
     elif x.dtype.kind in "iu":  # a uint8-input model's pixels, or a tensor model's integers
@@ -585,7 +665,8 @@ class CloudClient:
         for state in states:
             info = state.meta
             if info is not None:
-                fresh = ModelInfo(**{**info.__dict__, "incompatible": None, "axes": None, "flip_axis": None})
+                fresh = ModelInfo(**{**info.__dict__, "incompatible": None, "axes": None, "flip_axis": None,
+                                     "pixels_config": None, "pixels_tail": None})
                 refusal = check_labels(fresh, state.endpoint, self.labels)
                 why = None if refusal is None else str(refusal)
                 if why is None:
@@ -733,8 +814,9 @@ class CloudClient:
             info = call.state.meta or self._fetch_metadata_sync(call.state, timeout_s)
             if info.incompatible:  # known from the first contact: no request is sent
                 raise CloudIncompatible(info.incompatible, endpoint=ep.label)
+            pixels = call.pixels if info.pixels_config is None else endpoint_pixels(info, call.images, ep.label)
             t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
-            body = build_infer_body(info, ep, call.x, call.pixels, call.budget_s, call.request_id)
+            body = build_infer_body(info, ep, call.x, pixels, call.budget_s, call.request_id)
             status, headers, content = self._exchange_sync(
                 ep, "POST", ep.url + model_path(ep.model, ep.version) + "/infer",
                 response_cap(ep, len(call.x), self.classes), max(0.0, _deadline.at - t_post), content=body)
@@ -830,10 +912,12 @@ class CloudClient:
                 info = call.state.meta or await self.fetch_metadata(call.state, timeout_s)
                 if info.incompatible:  # known from the first contact: no request is sent
                     raise CloudIncompatible(info.incompatible, endpoint=ep.label)
+                pixels = call.pixels if info.pixels_config is None else \
+                    endpoint_pixels(info, getattr(call, "images", None), ep.label)
                 t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
                 size = ep.max_batch_size or len(call.x)
                 parts = await asyncio.gather(*(
-                    self._post(info, ep, call.x[i:i + size], None if call.pixels is None else call.pixels[i:i + size],
+                    self._post(info, ep, call.x[i:i + size], None if pixels is None else pixels[i:i + size],
                                call.budget_s, call.request_id if size >= len(call.x) else f"{call.request_id}.{i // size}",
                                timeout_s)
                     for i in range(0, len(call.x), size)

@@ -51,6 +51,9 @@ class CloudCall:
     request_id: str
     deadline: float = float("inf")  # absolute, on ``clock``
     clock: Callable[[], float] = time.monotonic
+    # The caller's inputs for these rows: an endpoint whose model takes another input size gets
+    # its pixels made from them (the edge's pixels are of the edge's size). None: not available.
+    images: Optional[Sequence[Any]] = None
 
     def remaining_s(self) -> float:
         """Seconds left before this attempt's absolute deadline (never negative)."""

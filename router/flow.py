@@ -127,7 +127,8 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
         by_key = {s.key: s for s in req.endpoints}
         candidates = [by_key[v.key] for v in verdicts[escalate[0]].candidates]
         reply, answering, cloud_error, attempts, bytes_sent = yield from charged(_escalate(
-            req, clock, candidates, local.x[idx], None if local.pixels is None else local.pixels[idx], reserve
+            req, clock, candidates, local.x[idx], None if local.pixels is None else local.pixels[idx], reserve,
+            None if req.normalised else [req.images[i] for i in escalate],
         ), req.budget, len(escalate))
         cloud_s = clock() - t_cloud
 
@@ -136,7 +137,7 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
     return RouteOutcome(predictions, attempts, bytes_sent, cloud_error)
 
 
-def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixels, reserve):
+def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixels, reserve, images=None):
     """Attempts across endpoints within the deadline: failover first, then retries with backoff."""
     cloud = req.policy.cloud
     tried: set[str] = set()
@@ -210,7 +211,7 @@ def _escalate(req: RouteRequest, clock, candidates: list[EndpointState], x, pixe
             attempts += 1
             # An absolute end: the attempt stops there however late its runner starts it.
             outcome = yield CloudCall(ep, x, pixels, timeout, max(req.deadline - now, 0.0), req.request_id,
-                                      deadline=now + timeout, clock=clock)
+                                      deadline=now + timeout, clock=clock, images=images)
             if isinstance(outcome, CloudReply):
                 ep.breaker.record_success()
                 ep.latency.observe(outcome.elapsed_s)

@@ -304,12 +304,36 @@ def test_pixels_are_arranged_as_the_cloud_model_takes_them(tmp_path, edge_in, cl
     np.testing.assert_allclose(got.probabilities, want, atol=1e-4)
 
 
-def test_a_cloud_model_of_another_input_size_is_refused_naming_both_shapes(tmp_path):
+@pytest.mark.parametrize("edge_in, edge_color, cloud_in", [
+    ((3, 32, 32), "RGB", (48, 48, 3)),   # a small RGB edge in front of a larger NHWC cloud model
+    ((1, 28, 28), "L", (3, 40, 40)),     # a grayscale edge in front of a colour cloud model
+])
+def test_a_cloud_model_of_another_input_size_gets_pixels_made_from_the_callers_image(
+        tmp_path, edge_in, edge_color, cloud_in):
+    """The cloud answers what it answers on the photo itself (its own size, channels, layout), never
+    the edge's small pixels scaled up; audits take the same path."""
+    lf = labels_file(tmp_path, FIVE)
+    e = import_model(make_onnx(tmp_path / "e.onnx", edge_in, 5, seed=1), lf, tmp_path / "e", color=edge_color)
+    c = import_model(make_onnx(tmp_path / "c.onnx", cloud_in, 5, seed=2), lf, tmp_path / "c", color="RGB")
+    cloud = OnnxClassifier(c.manifest_path)
+    ims = [photo(1), photo(4, size=(64, 200))]
+    want = cloud.classify(ims)
+    with running_service({"model": {"manifest": str(c.manifest_path), "name": "byom"}}) as svc:
+        with _router(svc.url, OnnxClassifier(e.manifest_path), "byom") as router:
+            got = [router.predict(im, mode="cloud_only") for im in ims]
+            batch = router.predict_batch(ims, mode="cloud_only")
+    for g, b, w in zip(got, batch, want):
+        assert g.source == "cloud" and b.source == "cloud"
+        np.testing.assert_allclose(g.probabilities, w, atol=1e-4)
+        np.testing.assert_allclose(b.probabilities, w, atol=1e-4)
+
+
+def test_an_fp32_only_endpoint_of_another_input_size_is_refused_naming_both_shapes(tmp_path):
     lf = labels_file(tmp_path, FIVE)
     e = import_model(make_onnx(tmp_path / "e.onnx", (3, 32, 32), 5, seed=1), lf, tmp_path / "e", color="RGB")
     c = import_model(make_onnx(tmp_path / "c.onnx", (3, 48, 48), 5, seed=2), lf, tmp_path / "c", color="RGB")
     with running_service({"model": {"manifest": str(c.manifest_path), "name": "byom"}}) as svc:
-        with _router(svc.url, OnnxClassifier(e.manifest_path), "byom") as router:
+        with _router(svc.url, OnnxClassifier(e.manifest_path), "byom", input_datatype="FP32") as router:
             with pytest.raises(PredictionUnavailable) as info:
                 router.predict(photo(1), mode="cloud_only")
             p = router.predict(photo(1), mode="prefer_cloud")  # the edge answers instead
@@ -329,7 +353,7 @@ def test_a_cloud_model_of_another_input_size_is_refused_naming_both_shapes(tmp_p
     (((8, 8, 3), "NHWC", "RGB"), (8, 8, 3), "BGR", (None, 3)),
     (((3, 8, 8), "NCHW", "BGR"), (8, 8, 3), "RGB", ((0, 2, 3, 1), 3)),
     (((3, 8, 8), "NCHW", "RGB"), (3, -1, -1), None, (None, None)),       # dynamic size
-    (((3, 8, 8), "NCHW", "RGB"), (3, 16, 16), None, "refused"),
+    (((3, 8, 8), "NCHW", "RGB"), (3, 16, 16), None, "refused"),   # no edge config: nothing to make pixels with
     (((1, 28, 28), "NCHW", "L"), (3, 28, 28), None, "refused"),
     (((3, 8, 8), "NCHW", "RGB"), (8, 8), None, "refused"),
 ])
@@ -341,3 +365,28 @@ def test_plan_input_table(edge, tail, color, want):
         assert isinstance(got, str) and "edge model makes" in got
     else:
         assert (got.axes, got.flip_axis) == want
+
+
+@pytest.mark.parametrize("tail, color, datatype, want", [
+    ((3, 16, 16), None, "UINT8", ((3, 16, 16), "RGB", "NCHW")),
+    ((16, 16, 3), "BGR", "UINT8", ((16, 16, 3), "BGR", "NHWC")),
+    ((1, 40, 40), None, "UINT8", ((1, 40, 40), "L", "NCHW")),
+    ((40, 40), None, "UINT8", ((40, 40), "L", "NCHW")),
+    ((3, -1, -1), None, "UINT8", None),             # dynamic size: the edge's, which fits as is
+    ((3, 16, 16), None, "FP32", "refused"),         # normalisation unknown: refused
+    ((5, 16, 16), None, "UINT8", "refused"),        # not an image shape
+])
+def test_plan_input_makes_pixels_for_another_geometry(tail, color, datatype, want):
+    from router.cloud import ModelInfo, plan_input
+
+    edge = PreprocessConfig(height=8, width=8, color="RGB", layout="NCHW", mean=0.5, std=0.25)
+    got = plan_input(ModelInfo("input", datatype, (-1, *tail), color=color,
+                               preprocess={"resize": "stretch", "interpolation": "bilinear"}), edge)
+    if want == "refused":
+        assert isinstance(got, str) and "edge model makes" in got
+    elif want is None:
+        assert got.pixels_config is None
+    else:
+        cfg = got.pixels_config
+        assert (got.pixels_tail, cfg.color, cfg.layout) == want
+        assert (cfg.resize, cfg.interpolation) == ("stretch", "bilinear")  # as the server resizes
