@@ -750,6 +750,11 @@ class UpdateStage:
             self._wait(lambda: up.checks >= 1 and not up._cycle_lock.locked(), "the first check")
             start = router.stats()["edge"]["version"]
             c.print(f"  router under test: {device}, cohort position {pos:.3f}, answering {start}", markup=False)
+            # The operator's side, prepared before the device's threads start (on a real fleet it runs
+            # elsewhere): loading onnx's C extension holds the GIL -- a first run in a fresh
+            # environment stalled every predicting thread for ~0.7 s.
+            bad = permuted_release(manifest, tmp / "bad", BAD_VERSION)
+            bad_golden = rel.golden_bytes(*rel.golden_from_test_split(bad, 64))
             self.lock = threading.Lock()
             threads = [threading.Thread(target=self._predict_loop, args=(router, k, stop), name=f"demo-predict-{k}",
                                         daemon=True) for k in range(UPDATE_THREADS)]
@@ -787,8 +792,6 @@ class UpdateStage:
                         f"{lu['validated_ms'] - lu['downloaded_ms']:.0f} ms); publish -> answering {total:.0f} ms",
                         markup=False)
             # The bad release: verified, validated (its own golden set), installed; the field catches it.
-            bad = permuted_release(manifest, tmp / "bad", BAD_VERSION)
-            bad_golden = rel.golden_bytes(*rel.golden_from_test_split(bad, 64))
             self.phase = "bad"
             rel.publish(repo, bad, rollout=1.0, golden=bad_golden, calibration=cal)
             up.wake()
