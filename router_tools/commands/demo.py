@@ -824,6 +824,15 @@ class UpdateStage:
             refused = "now refused" if BAD_VERSION in router.updater.status()["refused"] else "NOT refused"
             c.print(f"  since the bad release: {len(bad_rows)} answers, {len(self.errors)} failed, {late} late; "
                     f"{BAD_VERSION} {refused}", markup=False)
+            by_version = {}
+            for r in rows:
+                if r["edge"]:
+                    by_version.setdefault(r["edge"], []).append(r["ok"])
+            share = {v: f"{v} {sum(oks) / len(oks):.0%} of {len(oks)}" for v, oks in sorted(by_version.items())}
+            c.print("  edge answers right, by version: "
+                    + ", ".join(t for v, t in share.items() if v != BAD_VERSION), markup=False)
+            if BAD_VERSION in share:
+                c.print(f"    {share[BAD_VERSION]} (the bad release, until rolled back)", markup=False)
             elapsed = time.monotonic() - t_stage
             ok = (after == RELEASE_VERSION and not self.errors and alarm["rollback"] == RELEASE_VERSION
                   and update_ms is not None)
