@@ -694,6 +694,14 @@ def attach_updater(router, policy_path: Path | None = None) -> EdgeUpdater | Non
                           policy=lambda: router.policy, base=router.edge_model,
                           session_options=SessionOptions(intra_op_threads=policy.edge.intra_op_threads))
     updater.restore()
+    if not policy.privacy_mode:
+        # Imported here, before any request: importing tuf's client holds the GIL for ~25 ms, which
+        # in the updater's thread at its first check would stall every predict past its deadline.
+        import tuf.ngclient  # noqa: F401
+        try:
+            import zstandard  # noqa: F401 -- deltas (the updates extra brings it)
+        except ImportError:
+            pass
     if router.edge_model is None:  # "no model yet": the cloud answers (reason edge_error) until the swap
         from router.errors import EdgeError
 
