@@ -349,6 +349,27 @@ def build_infer_body(info: ModelInfo, endpoint: Endpoint, x: np.ndarray, pixels:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _body_limit(ep: Endpoint, ok: bool, cap: int, declared) -> int:
+    """Bytes of a response body to read: ``cap`` for a 200 (refused at once when its
+    Content-Length says more), at most ERROR_BODY_CAP of an error (only its message is wanted)."""
+    limit = cap if ok else min(cap, ERROR_BODY_CAP)
+    if isinstance(declared, bytes):
+        declared = declared.decode("latin-1")
+    if ok and declared is not None and declared.isdigit() and int(declared) > limit:
+        raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
+                                 "(max_response_bytes)", endpoint=ep.label)
+    return limit
+
+
+def _cut(ep: Endpoint, ok: bool, buf: bytearray, limit: int) -> None:
+    """A body read past ``limit``: a 200 is refused, an error body is cut there."""
+    if len(buf) > limit:
+        if ok:
+            raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap (max_response_bytes)",
+                                     endpoint=ep.label)
+        del buf[limit:]
+
+
 def response_cap(endpoint: Endpoint, rows: int, classes: Optional[int]) -> int:
     """Largest inference response body read from ``endpoint`` for ``rows`` rows of ``classes``."""
     if endpoint.max_response_bytes:
@@ -773,21 +794,14 @@ class CloudClient:
         with self._pool(ep).stream(method, url, headers=headers, content=content,
                                    extensions={"timeout": timeouts}) as r:
             ok = r.status == 200
-            limit = cap if ok else min(cap, ERROR_BODY_CAP)
             declared = next((v for k, v in r.headers if k.lower() == b"content-length"), None)
-            if ok and declared is not None and declared.isdigit() and int(declared) > limit:
-                raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
-                                         "(max_response_bytes)", endpoint=ep.label)
+            limit = _body_limit(ep, ok, cap, declared)
             buf = bytearray()
             for chunk in r.iter_stream():
                 buf += chunk
                 if len(buf) > limit:
                     break
-        if len(buf) > limit:
-            if ok:
-                raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap (max_response_bytes)",
-                                         endpoint=ep.label)
-            del buf[limit:]
+        _cut(ep, ok, buf, limit)
         return r.status, r.headers, bytes(buf)
 
     def _fetch_metadata_sync(self, state: EndpointState, timeout_s: float) -> ModelInfo:
@@ -841,11 +855,7 @@ class CloudClient:
         async with self._client(ep).stream(method, url, headers=request_headers(ep), timeout=timeout_s,
                                            **kwargs) as r:
             ok = r.status_code == 200
-            limit = cap if ok else min(cap, ERROR_BODY_CAP)
-            declared = r.headers.get("content-length")
-            if ok and declared is not None and declared.isdigit() and int(declared) > limit:
-                raise CloudProtocolError(f"{ep.label}: response of {int(declared)} bytes exceeds the {limit}-byte cap "
-                                         "(max_response_bytes)", endpoint=ep.label)
+            limit = _body_limit(ep, ok, cap, r.headers.get("content-length"))
             buf = bytearray()
             # Leave the loop by break, not raise, and close httpx's generators here: an exception's
             # traceback would keep them alive until some other thread drops it.
@@ -854,11 +864,7 @@ class CloudClient:
                     buf += chunk
                     if len(buf) > limit:
                         break
-        if len(buf) > limit:
-            if ok:
-                raise CloudProtocolError(f"{ep.label}: response exceeds the {limit}-byte cap (max_response_bytes)",
-                                         endpoint=ep.label)
-            del buf[limit:]
+        _cut(ep, ok, buf, limit)
         return r.status_code, r.headers, bytes(buf)
 
     async def fetch_metadata(self, state: EndpointState, timeout_s: float) -> ModelInfo:
