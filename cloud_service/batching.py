@@ -40,6 +40,11 @@ A request larger than ``max_batch_size`` rows is split into chunks of ``max_batc
 that run on whichever instances are free (concurrently when several are) and are reassembled
 in row order; a request that fits is never split.
 
+A batch that runs alone -- no other batch running and nothing left queued -- goes to
+``execute_solo`` when one is given: the data plane passes a session with more intra-op threads,
+so at low concurrency one request gets the cores that the instances would otherwise share.
+Its (faster) times are not fed to the service-time model, which predicts batches under contention.
+
 Every scheduling decision is appended to ``decisions`` (bounded), so tests can check what the
 batcher decided rather than how long things took; ``clock`` and ``executor`` are injectable.
 
@@ -221,10 +226,12 @@ class DynamicBatcher:
         idle_trim_s: Optional[float] = None,
         trim_after: int = 32,
         release: Callable[[], bool] = release_memory,
+        execute_solo: Optional[ExecuteFn] = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size, max_queue_size and instances must be >= 1 and the delay >= 0")
         self._execute = execute
+        self._execute_solo = execute_solo
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -491,7 +498,8 @@ class DynamicBatcher:
             m.queue_depth.set(len(self._queue))
         if not batch:
             return
-        self.decisions.append(Decision("dispatch", reason, rows, now))
+        solo = self._execute_solo is not None and not self._running and not self._queue
+        self.decisions.append(Decision("dispatch", f"{reason}+solo" if solo else reason, rows, now))
         batch_id = next(self._batch_ids)
         self._running[batch_id] = now + model.predict(rows)
         if m is not None:
@@ -499,7 +507,7 @@ class DynamicBatcher:
                 if start == 0:
                     m.queue_time.observe(now - item.enqueued)
         xs = [item.x if stop - start == item.rows else item.x[start:stop] for item, start, stop in batch]
-        execution = self._executor.submit(_run_batch, self._execute, xs, self._clock)
+        execution = self._executor.submit(_run_batch, self._execute_solo if solo else self._execute, xs, self._clock)
         for item, _, _ in batch:
             item.executions.append(execution)
         # One hop back to the loop, straight from the worker thread. asyncio.wrap_future takes two
@@ -509,14 +517,14 @@ class DynamicBatcher:
 
         def collect(f: concurrent.futures.Future) -> None:
             try:
-                loop.call_soon_threadsafe(self._on_done, f, batch_id, batch, rows, now)
+                loop.call_soon_threadsafe(self._on_done, f, batch_id, batch, rows, now, solo)
             except RuntimeError:  # the loop is closed: nobody left to answer
                 pass
 
         execution.add_done_callback(collect)
 
     def _on_done(self, fut: concurrent.futures.Future, batch_id: int, batch: list[_Part], rows: int,
-                 started: float) -> None:
+                 started: float, solo: bool = False) -> None:
         del self._running[batch_id]
         m = self._metrics
         exc = fut.exception() if not fut.cancelled() else Unavailable("execution cancelled at shutdown")
@@ -534,7 +542,8 @@ class DynamicBatcher:
             # The model learns compute time measured in the worker; the loop's lag in collecting the
             # result is not proportional to the queue ahead and would inflate every estimate.
             outputs, elapsed, finished = fut.result()
-            self.observe(rows, elapsed)
+            if not solo:
+                self.observe(rows, elapsed)
             self.loop_lag_s = 0.9 * self.loop_lag_s + 0.1 * max(0.0, self._clock() - finished)
             wasted = 0
             offset = 0

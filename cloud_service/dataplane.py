@@ -29,6 +29,7 @@ says; name one to get only that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -82,11 +83,14 @@ class Classification:
 class ServedModel:
     """One loaded classifier and its batcher."""
 
-    def __init__(self, name: str, classifier, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+    def __init__(self, name: str, classifier, settings: ServiceSettings, metrics: ServiceMetrics,
+                 solo_classifier=None) -> None:
         from edge_model.preprocess import normalise
 
         self.name = name
         self.classifier = classifier
+        # The same model with runtime.solo_threads intra-op threads, for a batch that runs alone.
+        self.solo_classifier = solo_classifier
         self.version = str(classifier.version)
         self.labels = tuple(classifier.labels)
         self.input_name = classifier.input_name
@@ -113,6 +117,7 @@ class ServedModel:
                 self._execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
                 max_queue_size=b.max_queue_size, instances=rt.instances, dispatch_when_idle=b.dispatch_when_idle,
                 metrics=model_metrics, name=name, idle_trim_s=idle_trim_s, release=self.release_memory,
+                execute_solo=self._execute_solo if solo_classifier is not None else None,
             )
         else:
             self.batcher = unbatched(self._execute, max_queue_size=b.max_queue_size, instances=rt.instances,
@@ -120,11 +125,15 @@ class ServedModel:
                                      release=self.release_memory)
 
     # Runs on a worker thread: one ONNX Runtime call per batch, both outputs from it.
-    def _execute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raw = self.classifier.logits(x)  # logits, or what the graph emits (the manifest's output_kind)
-        if self.classifier.output_kind == "logits":
-            return calibrated_softmax(raw, self.classifier.temperature), raw
-        return self.classifier.to_probabilities(raw), raw
+    def _execute(self, x: np.ndarray, classifier=None) -> tuple[np.ndarray, np.ndarray]:
+        classifier = classifier or self.classifier
+        raw = classifier.logits(x)  # logits, or what the graph emits (the manifest's output_kind)
+        if classifier.output_kind == "logits":
+            return calibrated_softmax(raw, classifier.temperature), raw
+        return classifier.to_probabilities(raw), raw
+
+    def _execute_solo(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._execute(x, self.solo_classifier)
 
     def release_memory(self) -> bool:
         """Give ONNX Runtime's arena and the C heap's free pages back to the OS (the batcher calls it
@@ -275,7 +284,14 @@ class DataPlane:
                                  warmup_runs=rt.warmup_runs)
         t0 = time.monotonic()
         classifier = await asyncio.to_thread(OnnxClassifier, cfg.manifest, options)
-        model = ServedModel(cfg.name, classifier, self.settings, self.metrics)
+        solo = None
+        if rt.solo_threads > rt.intra_op_threads:
+            # Its pool threads spin inside a run only (a sleeping pool's wake-ups cost what the extra
+            # thread gains on small batches); after one they would take the cores from the other
+            # instances and the event loop.
+            solo = await asyncio.to_thread(OnnxClassifier, cfg.manifest, dataclasses.replace(
+                options, intra_op_threads=rt.solo_threads, spin_only_in_run=True))
+        model = ServedModel(cfg.name, classifier, self.settings, self.metrics, solo_classifier=solo)
         # Warm up the batch sizes the batcher will use, so the first burst pays no allocation cost,
         # and seed the batcher's service-time model so admission by expected wait works from the start.
         for n, seconds in await asyncio.to_thread(_time_batches, model, (1, min(self.settings.batching.max_batch_size, 256))):
@@ -285,9 +301,10 @@ class DataPlane:
         self._models[model.name] = model
         self.metrics.model_ready.labels(model.name, model.version).set(1)
         self._ready = True
-        log.info("model %s version %s ready in %.2fs (%s, batching %s, intra_op_threads=%d, instances=%d)",
+        log.info("model %s version %s ready in %.2fs (%s, batching %s, intra_op_threads=%d, instances=%d, solo_threads=%d)",
                  model.name, model.version, time.monotonic() - t0, cfg.manifest.name,
-                 "on" if self.settings.batching.enabled else "off", rt.intra_op_threads, rt.instances)
+                 "on" if self.settings.batching.enabled else "off", rt.intra_op_threads, rt.instances,
+                 rt.solo_threads if solo is not None else 0)
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._closing = True
@@ -374,6 +391,8 @@ def _time_batches(model: ServedModel, sizes: tuple[int, ...], runs: int = 3) -> 
     for n in dict.fromkeys(sizes):
         x = np.zeros((n, *(d if d > 0 else 1 for d in model.sample_shape)), model.input_dtype)
         model._execute(x)
+        if model.solo_classifier is not None:
+            model._execute_solo(x)  # warmed, not timed: the batcher's model predicts contended batches
         best = float("inf")
         for _ in range(runs):
             t0 = time.perf_counter()

@@ -71,6 +71,11 @@ class RuntimeSettings(_Section):
     intra_op_threads: int = Field(1, ge=1, le=256)
     inter_op_threads: int = Field(1, ge=1, le=256)
     instances: int = Field(1, ge=1, le=64, description="batches executed concurrently (Triton instance_group count)")
+    solo_threads: int = Field(
+        0, ge=0, le=256,
+        description="intra-op threads of a batch that runs alone (no other batch running or queued): "
+                    "a lone request then uses the cores the instances would share; 0: off",
+    )
     warmup_runs: int = Field(3, ge=0, le=1000)
 
 

@@ -34,6 +34,11 @@ class SessionOptions:
     inter_op_threads: int = 1
     warmup_runs: int = 3
     verify_sha256: bool = True
+    # With more than one intra-op thread, ONNX Runtime's pool threads spin between ops and for a
+    # while after a run: after one they take cores from anything else on the machine. True puts
+    # them to sleep when a run ends (sleeping between ops too costs more wake-ups than a second
+    # thread gains on small batches).
+    spin_only_in_run: bool = False
 
 
 class OnnxClassifier:
@@ -220,6 +225,8 @@ def _make_session(model: bytes, path: Path, options: SessionOptions):
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if options.spin_only_in_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:

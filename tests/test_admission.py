@@ -260,6 +260,38 @@ def test_idle_instance_dispatches_a_lone_request_without_waiting_for_the_delay(w
         assert decisions == [("wait", "delay", 1)] and calls == 0
 
 
+def test_a_batch_that_runs_alone_goes_to_the_solo_session_and_is_not_learned_from():
+    clock, ex = FakeClock(), FakeExecutor()
+    solo_inputs: list[np.ndarray] = []
+
+    def solo(x):
+        solo_inputs.append(x)
+        clock.advance(1.0)  # much faster alone: must not teach the contended model anything
+        return execute(x)
+
+    async def main():
+        b, _ = make(clock, ex, instances=2, execute_solo=solo)
+        b.start()
+        before = (b.service_time.fixed_s, b.service_time.per_row_s)
+        lone = asyncio.ensure_future(b.submit(rows(1)))
+        await until(lambda: len(ex.pending) == 1)
+        second = asyncio.ensure_future(b.submit(rows(1, 1)))  # instance 1 busy: no longer alone
+        await until(lambda: len(ex.pending) == 2)
+        queued = [asyncio.ensure_future(b.submit(rows(1, i))) for i in (2, 3)]  # both busy: queued
+        await until(lambda: b.queue_depth == 2)
+        ex.complete(0)  # the solo run ends; the queued pair starts while the second still runs
+        await until(lambda: len(ex.pending) == 2)
+        after_solo = (b.service_time.fixed_s, b.service_time.per_row_s)
+        await drain(b, ex, [lone, second, *queued])
+        return [d.reason for d in b.decisions if d.kind == "dispatch"], before, after_solo, lone.result()
+
+    reasons, before, after_solo, lone_result = run(main())
+    assert reasons == ["idle+solo", "idle", "idle"]
+    assert [x.tolist() for x in solo_inputs] == [rows(1).tolist()]  # only the lone request ran solo
+    assert after_solo == before
+    np.testing.assert_array_equal(lone_result[0], rows(1) * 2)
+
+
 def test_requests_arriving_while_all_instances_are_busy_go_as_one_batch():
     clock, ex = FakeClock(), FakeExecutor()
 
@@ -346,4 +378,32 @@ def test_burst_with_budgets_it_cannot_meet_gets_503_with_retry_after_and_service
         values = metrics(svc)
         assert metric(values, "hybrid_cloud_rejected_requests_total", model="fashion-mnist",
                       reason="expected_wait") >= statuses.count(503)
+        assert_healthy(svc)
+
+
+def test_service_with_a_solo_session_answers_lone_and_concurrent_requests_alike():
+    """runtime.solo_threads: a lone request runs on the multi-threaded session, concurrent ones on
+    the instances; both give the model's own probabilities."""
+    from cloud_service.settings import DEFAULT_MANIFEST
+    from edge_model.preprocess import normalise
+    from edge_model.runtime import OnnxClassifier
+
+    pixels = sample_pixels(8)
+    reference = OnnxClassifier(DEFAULT_MANIFEST).predict_proba(normalise(pixels)[:, None])
+
+    async def main(svc):
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30.0, trust_env=False, limits=limits) as http:
+            lone = [await http.post(infer_path(), json=v2_body(pixels[i:i + 1], outputs=["probabilities"]))
+                    for i in range(8)]
+            together = await asyncio.gather(*(http.post(infer_path(), json=v2_body(pixels[i:i + 1],
+                                                                                   outputs=["probabilities"]))
+                                             for i in range(8)))
+            return lone, together
+
+    with running_service({"runtime.instances": 2, "runtime.solo_threads": 2}) as svc:
+        lone, together = asyncio.run(main(svc))
+        for answers in (lone, together):
+            got = np.array([r.json()["outputs"][0]["data"] for r in answers], np.float32)
+            np.testing.assert_allclose(got, reference, atol=1e-5)
         assert_healthy(svc)
