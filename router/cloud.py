@@ -94,12 +94,40 @@ class _Httpx:
     rich/pygments/click when they are installed: ~0.1 s of a cold start)."""
 
     def __getattr__(self, name: str):
-        import httpx
-
-        return getattr(httpx, name)
+        return getattr(_import_httpx(), name)
 
 
 httpx = _Httpx()
+
+
+def _import_httpx():
+    """The ``httpx`` module, without its command-line client. httpx's ``__init__`` imports
+    ``httpx._main`` (rich, click, pygments: ~50 ms) whenever those happen to be installed (here
+    by the tools and tests; a client-only install lacks them). The router never runs that CLI, so
+    while httpx loads a stand-in takes ``httpx._main``'s place whose ``main`` imports the real one
+    when called: ``httpx.main()`` still works, and ``import httpx._main`` later loads the real
+    module. Nothing changes if httpx was already imported."""
+    import sys
+
+    mod = sys.modules.get("httpx")
+    if mod is not None:
+        return mod
+    import types
+
+    def main(*args, **kwargs):  # httpx.main (the httpx console script's target), loaded on call
+        from httpx._main import main as cli
+
+        return cli(*args, **kwargs)
+
+    stand_in = types.ModuleType("httpx._main")
+    stand_in.main = main
+    sys.modules.setdefault("httpx._main", stand_in)
+    try:
+        import httpx
+    finally:
+        if sys.modules.get("httpx._main") is stand_in:
+            del sys.modules["httpx._main"]
+    return httpx
 
 OVERLOADED_STATUS = {429, 503}
 GATEWAY_STATUS = {502, 504}
@@ -525,7 +553,8 @@ def _preload_async_stack() -> None:
     block the caller's event loop. Importing opens nothing; it just moves that cost here."""
     import anyio  # noqa: F401
     import h11  # noqa: F401
-    import httpx  # noqa: F401
+
+    _import_httpx()
     import httpcore._backends.sync  # noqa: F401 -- sync predict's attempts (_DeadlineBackend)
     import httpcore._sync.connection_pool  # noqa: F401
     import httpcore._async.connection_pool  # noqa: F401
@@ -599,26 +628,44 @@ class _DeadlineStream:
     absolute end. httpcore's own timeouts are per socket operation (a server dripping bytes can
     keep a request alive for ever); clamping each operation to the end bounds the whole
     exchange. The stream may be pooled and reused by another thread: the end is per thread.
-    (httpcore's NetworkStream interface, duck-typed: httpcore is imported only with endpoints.)"""
+    (httpcore's NetworkStream interface, duck-typed: httpcore is imported only with endpoints.)
 
-    __slots__ = ("_inner",)
+    Writes are held until the first read and then sent as one: httpcore writes a request's
+    headers and its body separately, and on loopback each send wakes the server for a partial
+    request (two syscalls, two turns of its event loop: ~6 % of an escalation's time)."""
+
+    __slots__ = ("_inner", "_held")
 
     def __init__(self, inner) -> None:
         self._inner = inner
+        self._held: list[bytes] = []
 
     def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        if self._held:
+            self._flush(timeout)
         try:
             return self._inner.read(max_bytes, _left(timeout))
         except socket.timeout as exc:  # _left's: the same exception httpcore maps a socket timeout to
             raise _httpcore().ReadTimeout(exc) from exc
 
     def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        if buffer:
+            self._held.append(buffer)
+
+    def _flush(self, timeout: Optional[float]) -> None:
+        held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held = []
         try:
-            return self._inner.write(buffer, _left(timeout))
+            self._inner.write(held, _left(timeout))
         except socket.timeout as exc:
             raise _httpcore().WriteTimeout(exc) from exc
+        except _httpcore().WriteError:
+            # As httpcore does when a send fails: the server may have answered early (413, 401)
+            # and closed; reading tells (its answer, or a ReadError).
+            pass
 
     def close(self) -> None:
+        self._held = []
         self._inner.close()
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: Optional[str] = None,
