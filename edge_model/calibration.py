@@ -10,6 +10,7 @@ import numpy as np
 
 _MAX, _SUM, _SUB, _EXP, _DIV, _MUL = np.maximum.reduce, np.add.reduce, np.subtract, np.exp, np.true_divide, np.multiply
 _INVERSES: dict[float, np.ndarray] = {}
+_F32 = np.dtype(np.float32)
 
 
 def _inverse(temperature: float) -> np.ndarray:
@@ -32,8 +33,8 @@ def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, *, inplace:
     side (``tests/test_calibration.py`` checks it). ``inplace=True`` reuses a float32 C-contiguous
     ``logits`` buffer (the hot paths own theirs); otherwise the input is copied.
     """
-    if inplace and isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.writeable:
-        z = logits
+    if inplace and type(logits) is np.ndarray and logits.dtype is _F32 and logits.flags.writeable:
+        z = logits  # (`is`: a float32 array's dtype is numpy's one native float32; any other goes the copy way)
     else:
         z = np.array(logits, dtype=np.float32)
     if z.ndim == 1:
@@ -50,9 +51,10 @@ def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, *, inplace:
         _EXP(row, row)
         _DIV(row, _SUM(row, None, None, m), row)
         return z
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    # The same reductions as z.max/z.sum(axis=1, keepdims=True), without their Python wrappers.
+    _SUB(z, _MAX(z, 1, None, None, True), z)
+    _EXP(z, z)
+    _DIV(z, _SUM(z, 1, None, None, True), z)
     return z
 
 
