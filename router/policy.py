@@ -25,6 +25,11 @@ from router.errors import ConfigError
 DEFAULT_POLICY_PATH = Path(str(resources.files("router").joinpath("default_policy.yaml")))
 
 
+# libyaml's safe loader when PyYAML was built with it: ~10x faster than the pure-Python one (the
+# default policy: ~0.5 ms instead of ~5 ms of a cold start), same documents.
+_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class Mode(str, Enum):
     """Where a request is answered, after Firebase AI Logic's inference modes."""
 
@@ -35,7 +40,11 @@ class Mode(str, Enum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Schemas are built at a model's first validation, not at import: a policy's validation builds
+    # RoutingPolicy's one validator (the sections inline), instead of one more per section class.
+    # The sections' defaults below are made with model_construct (all-default, nothing to check)
+    # so that importing this module validates nothing.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class RetrySettings(_Strict):
@@ -156,9 +165,9 @@ class CloudSettings(_Strict):
     latency_window: int = Field(50, ge=1)
     latency_quantile: float = Field(0.9, gt=0, le=1)
     latency_max_age_s: float = Field(60.0, gt=0, description="latency samples older than this are forgotten")
-    retry: RetrySettings = RetrySettings()
-    breaker: BreakerSettings = BreakerSettings()
-    budget: BudgetSettings = Field(BudgetSettings(), description="escalation caps: rate, share, money (router/budget.py)")
+    retry: RetrySettings = RetrySettings.model_construct()
+    breaker: BreakerSettings = BreakerSettings.model_construct()
+    budget: BudgetSettings = Field(BudgetSettings.model_construct(), description="escalation caps: rate, share, money (router/budget.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -229,9 +238,9 @@ class RoutingPolicy(_Strict):
     class_thresholds: dict[str, float] = Field(default_factory=dict, description="per-label overrides (name or index)")
     default_deadline_ms: float = Field(150.0, gt=0)
     budget_reserve_ms: float = Field(5.0, ge=0, description="kept back to answer locally after a failed escalation")
-    edge: EdgeSettings = EdgeSettings()
-    updates: UpdateSettings = UpdateSettings()
-    cloud: CloudSettings = CloudSettings()
+    edge: EdgeSettings = EdgeSettings.model_construct()
+    updates: UpdateSettings = UpdateSettings.model_construct()
+    cloud: CloudSettings = CloudSettings.model_construct()
     decision_log: bool = True
     decision_log_privacy_details: bool = Field(
         False, description="log label and confidence of privacy requests too (off: a private answer is not logged)")
@@ -243,7 +252,7 @@ class RoutingPolicy(_Strict):
     audit_queue: int = Field(64, ge=1, le=10_000, description="audits waiting at most; more are dropped")
     agreement_floor: Optional[float] = Field(None, gt=0, le=1, description="alarm when agreement's upper "
                                                                           "confidence bound falls below this")
-    drift: DriftSettings = DriftSettings()
+    drift: DriftSettings = DriftSettings.model_construct()
     fleet_report_interval_s: float = Field(0.0, ge=0, description="send aggregate counts per edge version to the "
                                                                    "first endpoint's /v1/fleet/report; 0: off")
 
@@ -318,7 +327,10 @@ def load_policy(path: str | os.PathLike | None = None) -> RoutingPolicy:
 def parse_policy_text(text: str, source: str = "<policy>") -> RoutingPolicy:
     """A policy from YAML text; an empty (or comments-only) document is a ConfigError."""
     try:
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.load(text, Loader=_FAST_LOADER)
+        except yaml.YAMLError:  # the pure-Python parser says what is wrong more plainly ('\t', <stream end>)
+            data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
