@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from enum import Enum
 from typing import Callable
@@ -130,7 +131,9 @@ class LatencyEstimator:
     def __init__(self, initial_s: float, window: int = 50, quantile: float = 0.9,
                  max_age_s: float = 60.0, clock: Clock = time.monotonic) -> None:
         self._initial = initial_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self._samples: deque[tuple[float, float]] = deque()  # (when, seconds), oldest first
+        self._sorted: list[float] = []  # the same seconds, kept in order (not re-sorted per read)
+        self._window = window
         self._q = quantile
         self._max_age = max_age_s
         self._clock = clock
@@ -140,8 +143,15 @@ class LatencyEstimator:
 
     def observe(self, seconds: float) -> None:
         with self._lock:
+            if len(self._samples) >= self._window:
+                self._drop_oldest()
             self._samples.append((self._clock(), seconds))
+            insort(self._sorted, seconds)
             self._valid_until = -1.0
+
+    def _drop_oldest(self) -> None:
+        _, seconds = self._samples.popleft()
+        del self._sorted[bisect_left(self._sorted, seconds)]
 
     def estimate(self) -> float:
         with self._lock:
@@ -149,9 +159,9 @@ class LatencyEstimator:
             if now < self._valid_until:
                 return self._cached
             while self._samples and now - self._samples[0][0] > self._max_age:
-                self._samples.popleft()
+                self._drop_oldest()
             if self._samples:
-                self._cached = _quantile(sorted(v for _, v in self._samples), self._q)
+                self._cached = _quantile(self._sorted, self._q)
                 self._valid_until = self._samples[0][0] + self._max_age
             else:
                 self._cached, self._valid_until = self._initial, float("inf")
