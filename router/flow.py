@@ -27,7 +27,7 @@ from router.errors import CircuitOpen, CloudError, CloudRejected, CloudTimeout
 from router.health import EndpointState
 from router.policy import Mode
 from router.retry import make_retrying
-from router.rules import EndpointView, RouteContext, decide
+from router.rules import BatchContexts, EndpointView, RouteContext, decide, decide_each
 
 
 class _LazyViews(Sequence):
@@ -90,7 +90,7 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
     # __new__, per image): only the class threshold, the confidence and the cap differ.
     mode, privacy, deadline, selection = req.mode, req.privacy, req.deadline, policy.cloud.selection
     thresholds = req.thresholds
-    contexts: list[RouteContext] = []
+    contexts: Sequence[RouteContext] = []  # a list, or the batch's lazy BatchContexts
     verdicts: list = []
     if probs is None:
         for _ in range(n):
@@ -99,10 +99,11 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
             verdicts.append(verdict := decide(ctx))
             gate.saw(verdict)
     elif gate is NO_GATE:  # no budget: the cap stays None, nothing to tell the gate
-        for k, c in zip(cls, conf):
-            ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection, None))
-            contexts.append(ctx)
-            verdicts.append(decide(ctx))
+        # The images' contexts differ only in threshold and confidence: decided per outcome of
+        # their comparison by the table (rules.decide_each), each context made only if looked at.
+        contexts = BatchContexts(_context(RouteContext, (mode, privacy, now, deadline, reserve, 1.0, None, views,
+                                                         selection, None)), list(map(thresholds.__getitem__, cls)), conf)
+        verdicts = decide_each(contexts)
     else:
         for k, c in zip(cls, conf):
             ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection,
@@ -123,13 +124,18 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
     cloud_s = 0.0
     if escalate:
         t_cloud = clock()
-        idx = np.asarray(escalate)
         by_key = {s.key: s for s in req.endpoints}
         candidates = [by_key[v.key] for v in verdicts[escalate[0]].candidates]
-        reply, answering, cloud_error, attempts, bytes_sent = yield from charged(_escalate(
-            req, clock, candidates, local.x[idx], None if local.pixels is None else local.pixels[idx], reserve,
-            None if req.normalised else [req.images[i] for i in escalate],
-        ), req.budget, len(escalate))
+        if len(escalate) == n:  # every row (a single image's escalation): no copies to make
+            x, pixels, images = local.x, local.pixels, None if req.normalised else list(req.images)
+        else:
+            idx = np.asarray(escalate)
+            x, pixels = local.x[idx], None if local.pixels is None else local.pixels[idx]
+            images = None if req.normalised else [req.images[i] for i in escalate]
+        escalation = _escalate(req, clock, candidates, x, pixels, reserve, images)
+        if req.budget is not None:
+            escalation = charged(escalation, req.budget, len(escalate))
+        reply, answering, cloud_error, attempts, bytes_sent = yield from escalation
         cloud_s = clock() - t_cloud
 
     predictions = assemble(req, local, cls, conf, rows, contexts, verdicts, escalate, reply, answering, attempts,
