@@ -24,6 +24,7 @@ from router.rules import (
     EDGE_CONFIDENT,
     EDGE_PRIVACY,
     RULES,
+    BatchContexts,
     EndpointView,
     RouteContext,
     Verdict,
@@ -32,6 +33,7 @@ from router.rules import (
     confident_rule,
     connectivity_rule,
     decide,
+    decide_each,
     edge_only_rule,
     escalate_rule,
     order_endpoints,
@@ -39,8 +41,8 @@ from router.rules import (
 )
 
 __all__ = [
-    "EDGE_CONFIDENT", "EDGE_PRIVACY", "RULES", "CloudCall", "CloudReply", "Effect", "EndpointView", "LocalResult",
+    "EDGE_CONFIDENT", "EDGE_PRIVACY", "RULES", "BatchContexts", "CloudCall", "CloudReply", "Effect", "EndpointView", "LocalResult",
     "LocalWork", "RouteContext", "RouteOutcome", "RouteRequest", "Sleep", "Verdict", "after_cloud_failure",
-    "assemble", "budget_rule", "cloud_answer", "confident_rule", "connectivity_rule", "decide", "edge_answer",
+    "assemble", "budget_rule", "cloud_answer", "confident_rule", "connectivity_rule", "decide", "decide_each", "edge_answer",
     "edge_only_rule", "escalate_rule", "order_endpoints", "privacy_rule", "route", "unavailable",
 ]

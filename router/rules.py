@@ -7,6 +7,7 @@ contexts directly (tests/test_decision.py). No I/O, no clock, no state.
 
 from __future__ import annotations
 
+from operator import ge as _GE
 from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 from router.policy import Mode
@@ -131,6 +132,44 @@ def decide(ctx: RouteContext) -> Verdict:
         if verdict is not None:
             return verdict
     raise AssertionError("escalate_rule always decides")  # pragma: no cover
+
+
+class BatchContexts(Sequence):
+    """The contexts of a batch's images, all of them ``base`` but for the threshold of the class
+    each image was given and its confidence: made only when looked at (a confident batch looks
+    at none: see :func:`decide_each`)."""
+
+    __slots__ = ("_head", "_tail", "thresholds", "confidences")
+
+    def __init__(self, base: RouteContext, thresholds: Sequence[float], confidences: Sequence[float]) -> None:
+        self._head, self._tail = base[:_THRESHOLD], base[_THRESHOLD + 2:]  # threshold, confidence: adjacent
+        self.thresholds, self.confidences = thresholds, confidences
+
+    def __getitem__(self, i: int) -> RouteContext:
+        # As namedtuple's _make makes it (tuple.__new__), a third of _replace's cost.
+        return _tuple_new(RouteContext, self._head + (self.thresholds[i], self.confidences[i]) + self._tail)
+
+    def __len__(self) -> int:
+        return len(self.confidences)
+
+
+_THRESHOLD = RouteContext._fields.index("threshold")
+assert RouteContext._fields[_THRESHOLD + 1] == "confidence"
+_tuple_new = tuple.__new__
+
+
+def decide_each(batch: BatchContexts) -> list[Verdict]:
+    """``[decide(ctx) for ctx in batch]`` for images the edge answered. The table reads a
+    context's threshold and confidence only as ``confidence >= threshold`` (confident_rule; the
+    others ask whether the edge answered, the same for the whole batch), so it is consulted once
+    per outcome of that comparison -- with the first image of each -- and that verdict stands for
+    the others (tests/test_decision.py holds the table to it, image by image). A 64-image batch:
+    two decisions, not 64 contexts and 64 walks down the table."""
+    if len(batch) == 1:
+        return [decide(batch[0])]
+    confident = list(map(_GE, batch.confidences, batch.thresholds))
+    verdicts = {outcome: decide(batch[confident.index(outcome)]) for outcome in (True, False) if outcome in confident}
+    return list(map(verdicts.__getitem__, confident))
 
 
 def order_endpoints(ctx: RouteContext) -> tuple[EndpointView, ...]:

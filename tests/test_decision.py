@@ -83,6 +83,26 @@ def test_decide_table(kw, side, reason, fallback):
     assert (v.side, v.reason, v.fallback) == (side, reason, fallback)
 
 
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("privacy", [False, True])
+@pytest.mark.parametrize("endpoints", [(OK,), (OPEN,), (DOWN,), (), (SLOW,), (SLOW, OK), (DOWN, OPEN)])
+@pytest.mark.parametrize("now", [0.0, 0.140])
+def test_decide_each_is_the_table_image_by_image(mode, privacy, endpoints, now):
+    """The batch's shortcut (one decision per outcome of confidence >= threshold) gives what the
+    table gives for every image's own context: thresholds per class, ties, NaN, 0 and 1."""
+    from router.rules import BatchContexts, decide_each
+
+    rng = random.Random(7)
+    thresholds = [rng.choice([0.0, 0.5, 0.8, 1.0]) for _ in range(40)]
+    confidences = [rng.choice([0.0, 0.5, 0.8, 0.9, 1.0, float("nan"), rng.random()]) for _ in range(40)]
+    base = make_context(mode=mode, privacy=privacy, endpoints=endpoints, now=now)
+    for n in (1, 2, 40):
+        batch = BatchContexts(base, thresholds[:n], confidences[:n])
+        contexts = [base._replace(threshold=t, confidence=c) for t, c in zip(thresholds[:n], confidences[:n])]
+        assert [tuple(batch[i]) == tuple(ctx) for i, ctx in enumerate(contexts)] == [True] * n  # NaN is itself
+        assert decide_each(batch) == [decide(ctx) for ctx in contexts]
+
+
 def test_candidates_fit_first_then_by_latency_or_priority():
     a = EndpointView("a", "a", "ok", 0.030, priority=1)
     b = EndpointView("b", "b", "ok", 0.010, priority=2)
