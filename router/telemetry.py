@@ -88,15 +88,20 @@ class Telemetry:
         says where and why, not what -- no label, no confidence."""
         # Counted per (source, reason, latency) group, not per answer: the answers of a batch
         # share one Timings, so a confident batch of 64 is one counter add and one histogram add.
-        groups: dict = {}
-        fallbacks = 0
-        failure = None  # one request has at most one escalation: its failure counts once, not per row
-        for p in predictions:
-            g = (p.source, p.reason, p.timings.total_ms)
-            groups[g] = groups.get(g, 0) + 1
-            fallbacks += p.fallback
-            if failure is None:
-                failure = p.cloud_failure
+        if len(predictions) == 1:  # one image (the confident hot path): no loop, no grouping
+            p = predictions[0]
+            groups = {(p.source, p.reason, p.timings.total_ms): 1}
+            fallbacks, failure = p.fallback, p.cloud_failure
+        else:
+            groups = {}
+            fallbacks = 0
+            failure = None  # one request has at most one escalation: its failure counts once, not per row
+            for p in predictions:
+                g = (p.source, p.reason, p.timings.total_ms)
+                groups[g] = groups.get(g, 0) + 1
+                fallbacks += p.fallback
+                if failure is None:
+                    failure = p.cloud_failure
         with self._lock:
             self.cloud_attempts += attempts
             self.bytes_sent += bytes_sent
