@@ -71,6 +71,7 @@ _FIRST_REQUEST_MODULES = (
     "anyio.streams.tls", "anyio._core._sockets", "anyio._core._synchronization", "anyio._core._tasks",
     "anyio._backends._asyncio", "httpcore._async.connection_pool", "httpcore._async.http11", "httpcore._backends.anyio",
     "httpcore._sync.connection_pool", "httpcore._sync.http11", "httpcore._backends.sync",  # sync predict's path
+    "encodings.idna", "stringprep",  # the socket module's codec for a host name, at the first connect (~1 ms)
 )
 
 
