@@ -1,6 +1,8 @@
-"""The router's Open Inference Protocol v2 client (pooled, keep-alive): async over httpx for
-``apredict`` and the I/O thread; synchronous over httpcore's pool in the caller's thread for
-``predict`` (:meth:`CloudClient.infer_sync`, no event loop and no thread hop).
+"""The router's Open Inference Protocol v2 client (pooled, keep-alive): async over httpcore's
+async pool for ``apredict`` and the I/O thread (httpx's client only for an injected transport
+and the readiness probe); synchronous over httpcore's pool in the caller's thread for
+``predict`` (:meth:`CloudClient.infer_sync`, no event loop and no thread hop). A request's
+headers and body leave in one send.
 
 Message building and parsing are pure functions over :mod:`oip.protocol` (the one
 wire-protocol module); :class:`CloudClient` is the thin I/O shell around them. It works with any
@@ -140,6 +142,7 @@ MIN_RESPONSE_CAP = 64 * 1024
 CLASSES_IF_UNKNOWN = 1000
 METADATA_CAP = 1024 * 1024
 ERROR_BODY_CAP = 64 * 1024  # an error body is only read for its message
+ASYNC_KEEPALIVE_S = 5.0  # idle pooled connections of the async client are dropped after this (httpx's default)
 # A probability row may miss 1 by float32 rounding of JSON decimals (and servers that round to
 # 4-6 digits); anything beyond this is not a distribution.
 PROB_SUM_TOL = 1e-3
@@ -739,9 +742,63 @@ class _DeadlineBackend:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+class _HeldWritesStream:
+    """httpcore's async stream with a request's writes held until the first read and sent as one
+    (as :class:`_DeadlineStream` does for sync attempts; the caller's ``asyncio.timeout`` bounds
+    the exchange, so no deadline is kept here)."""
+
+    __slots__ = ("_inner", "_held")
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self._held: list[bytes] = []
+
+    async def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        if self._held:
+            held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held = []
+            try:
+                await self._inner.write(held, timeout)
+            except _httpcore().WriteError:
+                pass  # as httpcore does: the server may have answered early; reading tells
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        if buffer:
+            self._held.append(buffer)
+
+    async def aclose(self) -> None:
+        self._held = []
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: Optional[str] = None,
+                        timeout: Optional[float] = None) -> "_HeldWritesStream":
+        return _HeldWritesStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+
+class _HeldWritesBackend:
+    """httpcore's anyio backend (httpx's on asyncio), its streams wrapped in :class:`_HeldWritesStream`."""
+
+    def __init__(self) -> None:
+        self._inner = _httpcore().AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None,
+                          local_address: Optional[str] = None, socket_options=None) -> _HeldWritesStream:
+        return _HeldWritesStream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    async def connect_unix_socket(self, path: str, timeout: Optional[float] = None, socket_options=None):
+        raise _httpcore().ConnectError("unix sockets are not used by the router")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 class CloudClient:
-    """Async v2 client over all endpoints of a policy. Pooled ``httpx.AsyncClient`` s per event
-    loop (the router's own I/O thread, and any loop that calls ``apredict``) and per trust key.
+    """Async v2 client over all endpoints of a policy. Pooled connections per event loop (the
+    router's own I/O thread, and any loop that calls ``apredict``) and per trust key.
 
     ``classes``: the edge model's label count; answers with another count are refused."""
 
@@ -756,6 +813,10 @@ class CloudClient:
         self._contexts: dict[tuple, ssl.SSLContext] = {}
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]]" = \
             weakref.WeakKeyDictionary()
+        # apredict's and the I/O thread's requests: httpcore pools per event loop and trust key
+        # (httpx's client layers over the same pool were ~12 % of an async escalation; the httpx
+        # clients above remain for an injected transport and the readiness probe).
+        self._apools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
         # Sync predict's attempts run in the caller's thread over these (httpcore pools, thread-safe).
         self._pools: dict = {}  # trust key -> httpcore.ConnectionPool
         self._pools_lock = threading.Lock()
@@ -827,6 +888,25 @@ class CloudClient:
             )
             per_loop[key] = client
         return client
+
+    def _apool(self, ep: Endpoint):
+        """This event loop's httpcore pool for ``ep``'s trust key, built as ``_client`` builds its
+        httpx client: the same TLS context, limits and keep-alive expiry; nothing read from the
+        environment, no redirects followed (httpcore does neither)."""
+        loop = asyncio.get_running_loop()
+        per_loop = self._apools.get(loop)
+        if per_loop is None:
+            per_loop = self._apools[loop] = {}
+        key, https, stamp = self._trust_key(ep)
+        pool = per_loop.get(key)
+        if pool is None:
+            s = self.settings
+            pool = per_loop[key] = _httpcore().AsyncConnectionPool(
+                ssl_context=self._context(ep.tls_verify, ep.ca_bundle, stamp) if https else _trust_nothing(),
+                max_connections=s.max_connections, max_keepalive_connections=s.max_connections,
+                keepalive_expiry=ASYNC_KEEPALIVE_S, network_backend=_HeldWritesBackend(),
+            )
+        return pool
 
     def _trust_key(self, ep: Endpoint) -> tuple[tuple, bool, tuple]:
         """Everything that decides whom a pooled client trusts or how it connects; the host too,
@@ -935,16 +1015,38 @@ class CloudClient:
         return err
 
     async def _exchange(self, ep: Endpoint, method: str, url: str, cap: int, timeout_s: float,
-                        **kwargs) -> tuple[int, httpx.Headers, bytes]:
+                        content: Optional[bytes] = None) -> tuple[int, httpx.Headers | list, bytes]:
         """One request; the body is streamed and reading stops past ``cap`` bytes (a 200 over the
-        cap is a CloudProtocolError; an error body is just cut: only its message is wanted)."""
+        cap is a CloudProtocolError; an error body is just cut: only its message is wanted).
+        Each phase (connect, pool wait, write, read) is bounded by ``timeout_s``, the whole by the
+        caller's ``asyncio.timeout``."""
+        if self._transport is not None:  # an injected httpx transport (tests, tools)
+            return await self._exchange_httpx(ep, method, url, cap, timeout_s, content)
+        timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
+        headers = [(k.encode(), v.encode()) for k, v in request_headers(ep).items()]
+        async with self._apool(ep).stream(method, _core_url(url), headers=headers, content=content,
+                                          extensions={"timeout": timeouts}) as r:
+            ok = r.status == 200
+            declared = next((v for k, v in r.headers if k.lower() == b"content-length"), None)
+            limit = _body_limit(ep, ok, cap, declared)
+            buf = bytearray()
+            # Leave the loop by break, not raise, and close the generator here: an exception's
+            # traceback would keep it alive until some other thread drops it.
+            async with contextlib.aclosing(r.aiter_stream()) as chunks:
+                async for chunk in chunks:
+                    buf += chunk
+                    if len(buf) > limit:
+                        break
+        _cut(ep, ok, buf, limit)
+        return r.status, r.headers, bytes(buf)
+
+    async def _exchange_httpx(self, ep: Endpoint, method: str, url: str, cap: int, timeout_s: float,
+                              content: Optional[bytes]) -> tuple[int, httpx.Headers, bytes]:
         async with self._client(ep).stream(method, url, headers=request_headers(ep), timeout=timeout_s,
-                                           **kwargs) as r:
+                                           content=content) as r:
             ok = r.status_code == 200
             limit = _body_limit(ep, ok, cap, r.headers.get("content-length"))
             buf = bytearray()
-            # Leave the loop by break, not raise, and close httpx's generators here: an exception's
-            # traceback would keep them alive until some other thread drops it.
             async with contextlib.aclosing(r.aiter_bytes()) as chunks:
                 async for chunk in chunks:
                     buf += chunk
@@ -1032,7 +1134,7 @@ class CloudClient:
             response_cap(ep, len(x), self.classes), timeout_s, content=body,
         )
         if status != 200:
-            raise error_from_status(status, headers, content, ep)
+            raise error_from_status(status, httpx.Headers(headers), content, ep)
         probs, version = parse_infer_response(content, ep, len(x), self.classes)
         return probs, version, len(body)
 
@@ -1045,6 +1147,13 @@ class CloudClient:
                 except RuntimeError:  # a client bound to another, closed loop
                     pass
         self._clients.clear()
+        for per_loop in list(self._apools.values()):
+            for pool in list(per_loop.values()):
+                try:
+                    await pool.aclose()
+                except RuntimeError:  # a pool bound to another, closed loop
+                    pass
+        self._apools.clear()
         self.close_sync()
 
     def close_sync(self) -> None:
