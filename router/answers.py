@@ -78,6 +78,13 @@ def _local_answers(req: RouteRequest, local: LocalResult, cls, conf, rows, verdi
     """:func:`assemble` when no image escalated (a confident, private or local batch): the edge's
     answers, each one dict of values (no per-image call layers or keyword packing)."""
     labels, version, arm, rid = req.labels, req.edge_version, req.arm, req.request_id
+    if len(verdicts) == 1 and verdicts[0].side != "none":  # one answered image (the confident hot path): no loop
+        verdict, k = verdicts[0], cls[0]
+        return [build_from(Prediction, {
+            "label": labels[k], "class_index": k, "confidence": conf[0], "probabilities": rows[0], "source": "edge",
+            "reason": verdict.reason, "fallback": verdict.fallback, "model_version": version, "timings": timings,
+            "attempts": 0, "request_id": rid, "endpoint": None, "edge": None, "cloud_failure": None, "arm": arm,
+        })]
     predictions: list[Prediction] = []
     failed: list[int] = []
     one = len(verdicts) == 1

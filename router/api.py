@@ -405,7 +405,8 @@ class Router:
             budget,
             arm,
             False,  # progressive (router.progressive sets it)
-            _larger_reserve(self._answer_cost.worst, policy.budget_reserve_ms),  # reserve_s
+            # reserve_s: the policy's (None) until an escalation failed and answering after it was timed
+            _larger_reserve(self._answer_cost.worst, policy.budget_reserve_ms) if self._answer_cost._worst else None,
         )
 
     # ------------------------------------------------------------------ local work (no I/O)

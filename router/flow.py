@@ -98,13 +98,13 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
             contexts.append(ctx)
             verdicts.append(verdict := decide(ctx))
             gate.saw(verdict)
-    elif gate is NO_GATE:  # no budget: the cap stays None, nothing to tell the gate
+    elif gate is NO_GATE and n > 1:  # no budget: the cap stays None, nothing to tell the gate
         # The images' contexts differ only in threshold and confidence: decided per outcome of
         # their comparison by the table (rules.decide_each), each context made only if looked at.
         contexts = BatchContexts(_context(RouteContext, (mode, privacy, now, deadline, reserve, 1.0, None, views,
                                                          selection, None)), list(map(thresholds.__getitem__, cls)), conf)
         verdicts = decide_each(contexts)
-    else:
+    else:  # one image (its one context is made at once), or a budget whose cap moves row by row
         for k, c in zip(cls, conf):
             ctx = _context(RouteContext, (mode, privacy, now, deadline, reserve, thresholds[k], c, views, selection,
                                           gate.cap))

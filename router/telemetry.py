@@ -8,11 +8,16 @@ import logging
 import threading
 from bisect import bisect_left
 from collections import Counter
+from operator import attrgetter
 
 from router.ab import ExperimentSettings, ExperimentStats
 from router.prediction import Prediction
 
 decision_log = logging.getLogger("router.decision")
+
+_GROUP = attrgetter("source", "reason", "timings.total_ms")
+_FALLBACK = attrgetter("fallback")
+_FAILURE = attrgetter("cloud_failure")
 
 # Upper bounds in milliseconds (Prometheus-style cumulative buckets are derived on export).
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
@@ -90,18 +95,13 @@ class Telemetry:
         # share one Timings, so a confident batch of 64 is one counter add and one histogram add.
         if len(predictions) == 1:  # one image (the confident hot path): no loop, no grouping
             p = predictions[0]
-            groups = {(p.source, p.reason, p.timings.total_ms): 1}
+            groups = (((p.source, p.reason, p.timings.total_ms), 1),)
             fallbacks, failure = p.fallback, p.cloud_failure
-        else:
-            groups = {}
-            fallbacks = 0
-            failure = None  # one request has at most one escalation: its failure counts once, not per row
-            for p in predictions:
-                g = (p.source, p.reason, p.timings.total_ms)
-                groups[g] = groups.get(g, 0) + 1
-                fallbacks += p.fallback
-                if failure is None:
-                    failure = p.cloud_failure
+        else:  # per answer only C-level passes (attrgetter, Counter, sum, filter): no Python loop
+            groups = Counter(map(_GROUP, predictions)).items()
+            fallbacks = sum(map(_FALLBACK, predictions))
+            # One request has at most one escalation: its failure counts once, not per row.
+            failure = next(filter(None, map(_FAILURE, predictions)), None)  # (a CloudFailure is truthy)
         with self._lock:
             self.cloud_attempts += attempts
             self.bytes_sent += bytes_sent
@@ -109,7 +109,7 @@ class Telemetry:
                 self.cloud_failures[failure.category] += 1
             self.requests += len(predictions)
             self.fallbacks += fallbacks
-            for (source, reason, total_ms), count in groups.items():
+            for (source, reason, total_ms), count in groups:
                 key = (source, reason._value_)
                 self.by_source_reason[key] += count
                 hist = self.latency.get(key)
