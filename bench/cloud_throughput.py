@@ -13,6 +13,8 @@ sends normalised floats instead):
 
 * ``(a)`` our service, dynamic batching on (``config/cloud.yaml`` or ``--config``), one uvicorn worker;
 * ``(b)`` the same service with ``batching.enabled: false`` (every request runs alone, off the loop);
+* ``(o)`` the same service with ``runtime.solo_threads: 0`` (a batch that runs alone uses one thread
+  like the others; what the solo session buys at each level);
 * ``(c)`` the naive pattern: a minimal FastAPI handler that parses the JSON body with a pydantic
   model and calls ``session.run`` once per request (defined below; same uvicorn, same threads);
 * ``(d)`` Triton Inference Server from ``nvidia-pytriton`` (``cloud_service.triton``), same model,
@@ -512,13 +514,14 @@ def raw_ceiling(threads: int, instances: int, batch_sizes: tuple[int, ...],
 LABELS = {
     "a": "(a) our service, batching on",
     "b": "(b) our service, batching off",
+    "o": "(o) our service, no solo session",
     "c": "(c) naive FastAPI + session.run",
     "d": "(d) Triton (nvidia-pytriton)",
     "k": "(k) KServe ModelServer, 1 worker",
     "w": "(w) KServe ModelServer, 2 workers",
 }
 # (peer, goal of (a) / peer): issue 13 (KServe, pytriton) and issue 3 (naive FastAPI)
-GOALS = {"k": 1.5, "w": None, "d": 2.0, "c": 2.0, "b": None}
+GOALS = {"k": 1.5, "w": None, "d": 2.0, "c": 2.0, "b": None, "o": None}
 CEILING_GOAL = 0.8
 
 
@@ -705,6 +708,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         factories = {
             "a": lambda: service_target("a", LABELS["a"], args.config, threads_override),
             "b": lambda: service_target("b", LABELS["b"], args.config, {**threads_override, "batching.enabled": False}),
+            "o": lambda: service_target("o", LABELS["o"], args.config, {**threads_override, "runtime.solo_threads": 0}),
             "c": lambda: naive_target(MANIFEST, args.threads),
             "d": lambda: triton_target(args.datatype, max_batch, delay_ms, args.threads, instances),
             "k": lambda: kserve_target("k", MANIFEST, 1, work),
