@@ -1119,12 +1119,14 @@ class CloudClient:
                     endpoint_pixels(info, getattr(call, "images", None), ep.label)
                 t_post = time.monotonic()  # the latency estimate is of inference calls, not the metadata read
                 size = ep.max_batch_size or len(call.x)
-                parts = await asyncio.gather(*(
-                    self._post(info, ep, call.x[i:i + size], None if pixels is None else pixels[i:i + size],
-                               call.budget_s, call.request_id if size >= len(call.x) else f"{call.request_id}.{i // size}",
-                               timeout_s)
-                    for i in range(0, len(call.x), size)
-                ))
+                if size >= len(call.x):  # one request: awaited here (gather would wrap it in a task)
+                    parts = [await self._post(info, ep, call.x, pixels, call.budget_s, call.request_id, timeout_s)]
+                else:
+                    parts = await asyncio.gather(*(
+                        self._post(info, ep, call.x[i:i + size], None if pixels is None else pixels[i:i + size],
+                                   call.budget_s, f"{call.request_id}.{i // size}", timeout_s)
+                        for i in range(0, len(call.x), size)
+                    ))
             probs = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
             version = parts[0][1] or (info.versions[0] if info.versions else ep.version or "")
             return CloudReply(probs, version, time.monotonic() - t_post, sum(p[2] for p in parts))
