@@ -76,9 +76,9 @@ def route(req: RouteRequest, clock: Callable[[], float]) -> Generator[Effect, An
         # than indexing numpy arrays, and ``rows`` are the answers' probabilities as they are.
         # A confidence is the row's value at numpy's argmax (its first maximum; a NaN's index
         # if there is one, as ``max`` would say NaN): one reduction, not two.
-        cls = probs.argmax(axis=1).tolist()
+        cls = probs.argmax(1).tolist()
         rows = probs.tolist()
-        conf = [r[k] for r, k in zip(rows, cls)]
+        conf = list(map(list.__getitem__, rows, cls))  # rows[i][cls[i]], a C-level pass
     # Endpoint state is only looked at when the request may leave the device.
     needs_net = not req.privacy and req.mode is not Mode.EDGE_ONLY
     views = _LazyViews(req.endpoints) if needs_net else ()
