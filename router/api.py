@@ -548,7 +548,7 @@ class Router:
         policy = req.policy
         details = not req.privacy or policy.decision_log_privacy_details
         self._telemetry.record(outcome.predictions, outcome.cloud_calls, outcome.bytes_sent, policy.decision_log,
-                               details=details)
+                               details)
         # After the answer is built: counts per edge version; audits leave on the I/O thread.
         self._field.observe(req, outcome.predictions, local)
 
