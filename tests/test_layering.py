@@ -47,6 +47,20 @@ def test_client_imports_no_server_tools_or_web_framework():
     assert not mods & ((WEB - {"rich"}) | {"cloud_service", "router_tools"})
 
 
+def test_router_with_an_endpoint_loads_httpx_without_its_command_line():
+    # httpx's __init__ imports its CLI (rich, click, pygments) when installed; the router never
+    # runs it (router/cloud.py _import_httpx), yet httpx.main still reaches the real one.
+    mods = _modules_after(
+        "from router import Router; from router.policy import parse_policy; "
+        "Router(parse_policy({'cloud': {'endpoints': [{'url': 'http://127.0.0.1:9', 'model': 'm'}]}}))")
+    assert "httpx" in mods and not mods & {"rich", "click", "pygments"}
+    code = ("from router.cloud import _preload_async_stack; _preload_async_stack(); import httpx, importlib; "
+            "print(importlib.util.find_spec('click') is None or "
+            "importlib.import_module('httpx._main').main.name == 'main' and callable(httpx.main))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split()[-1] == "True"
+
+
 @pytest.mark.parametrize("package, forbidden", [
     ("router", {"cloud_service", "router_tools"} | WEB),
     ("cloud_service", {"router", "router_tools"}),
