@@ -55,10 +55,8 @@ IMAGE_DTYPES = ("float32", "float16", "uint8")
 CHANNELS = {"L": 1, "RGB": 3, "BGR": 3}
 
 
-# The three models' schemas are built at the first validation, not at import: Manifest.load builds
-# one validator with InputSpec and Calibration inline, instead of three (a cold start's share).
 class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid")
 
     name: str = "input"
     codec: Literal["image", "tensor"] = "image"
@@ -146,7 +144,7 @@ class Calibration(BaseModel):
     escalation share that threshold gave on ``split`` (what the drift alarm's band is centred
     on). Optional; a manifest without it loads as before."""
 
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid")
 
     threshold: Optional[float] = Field(None, ge=0, le=1)
     expected_escalation: Optional[float] = Field(None, ge=0, le=1)
@@ -154,7 +152,7 @@ class Calibration(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str
     version: str

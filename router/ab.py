@@ -35,9 +35,7 @@ _PENDING_OUTCOMES = 100_000  # answers remembered for record_outcome (oldest for
 
 
 class ArmOverrides(BaseModel):
-    # Built at first validation (inline in RoutingPolicy's validator), not at import: most
-    # policies have no experiments (router/policy.py's _Strict says why).
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     confidence_threshold: Optional[float] = Field(None, ge=0, le=1)
     mode: Optional[Literal["prefer_edge", "edge_only", "prefer_cloud", "cloud_only"]] = None
@@ -46,17 +44,17 @@ class ArmOverrides(BaseModel):
 
 
 class Arm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
     share: float = Field(gt=0, le=1)
-    overrides: ArmOverrides = ArmOverrides.model_construct()
+    overrides: ArmOverrides = ArmOverrides()
 
 
 class ExperimentSettings(BaseModel):
     """``experiments:`` in the policy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, description="part of the assignment hash: a new name reshuffles users")
     key: Literal["caller", "request"] = Field("caller", description="caller: by ab_key when given; request: per request")

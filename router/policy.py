@@ -40,11 +40,7 @@ class Mode(str, Enum):
 
 
 class _Strict(BaseModel):
-    # Schemas are built at a model's first validation, not at import: a policy's validation builds
-    # RoutingPolicy's one validator (the sections inline), instead of one more per section class.
-    # The sections' defaults below are made with model_construct (all-default, nothing to check)
-    # so that importing this module validates nothing.
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RetrySettings(_Strict):
@@ -165,9 +161,9 @@ class CloudSettings(_Strict):
     latency_window: int = Field(50, ge=1)
     latency_quantile: float = Field(0.9, gt=0, le=1)
     latency_max_age_s: float = Field(60.0, gt=0, description="latency samples older than this are forgotten")
-    retry: RetrySettings = RetrySettings.model_construct()
-    breaker: BreakerSettings = BreakerSettings.model_construct()
-    budget: BudgetSettings = Field(BudgetSettings.model_construct(), description="escalation caps: rate, share, money (router/budget.py)")
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+    budget: BudgetSettings = Field(BudgetSettings(), description="escalation caps: rate, share, money (router/budget.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -238,9 +234,9 @@ class RoutingPolicy(_Strict):
     class_thresholds: dict[str, float] = Field(default_factory=dict, description="per-label overrides (name or index)")
     default_deadline_ms: float = Field(150.0, gt=0)
     budget_reserve_ms: float = Field(5.0, ge=0, description="kept back to answer locally after a failed escalation")
-    edge: EdgeSettings = EdgeSettings.model_construct()
-    updates: UpdateSettings = UpdateSettings.model_construct()
-    cloud: CloudSettings = CloudSettings.model_construct()
+    edge: EdgeSettings = EdgeSettings()
+    updates: UpdateSettings = UpdateSettings()
+    cloud: CloudSettings = CloudSettings()
     decision_log: bool = True
     decision_log_privacy_details: bool = Field(
         False, description="log label and confidence of privacy requests too (off: a private answer is not logged)")
@@ -252,7 +248,7 @@ class RoutingPolicy(_Strict):
     audit_queue: int = Field(64, ge=1, le=10_000, description="audits waiting at most; more are dropped")
     agreement_floor: Optional[float] = Field(None, gt=0, le=1, description="alarm when agreement's upper "
                                                                           "confidence bound falls below this")
-    drift: DriftSettings = DriftSettings.model_construct()
+    drift: DriftSettings = DriftSettings()
     fleet_report_interval_s: float = Field(0.0, ge=0, description="send aggregate counts per edge version to the "
                                                                    "first endpoint's /v1/fleet/report; 0: off")
 

@@ -88,9 +88,6 @@ class PolicyWatcher:
         self._pending_since = 0.0  # first read of the pending signature
         self._changing_since = 0.0  # first read that differed from the adopted file
         self._logged: set[str] = set()  # digests (or "unstable") already reported
-        # The policy schema is built at its first validation (router/policy.py): at the latest
-        # here, never in the poll that a request makes.
-        RoutingPolicy.model_rebuild()
 
     @property
     def pending(self) -> bool:

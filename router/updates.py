@@ -702,13 +702,6 @@ def attach_updater(router, policy_path: Path | None = None) -> EdgeUpdater | Non
             import zstandard  # noqa: F401 -- deltas (the updates extra brings it)
         except ImportError:
             pass
-    # Manifest's and InputSpec's schemas are built at first use (edge_model/manifest.py): here, not
-    # in the updater thread at its first release (a manifest read, _input_spec's dump: ~1-20 ms
-    # holding the GIL).
-    from edge_model.manifest import InputSpec, Manifest
-
-    Manifest.model_rebuild()
-    InputSpec.model_rebuild()
     if router.edge_model is None:  # "no model yet": the cloud answers (reason edge_error) until the swap
         from router.errors import EdgeError
 
