@@ -15,7 +15,8 @@ from router.prediction import Prediction
 
 decision_log = logging.getLogger("router.decision")
 
-_GROUP = attrgetter("source", "reason", "timings.total_ms")
+# The reason's plain value, not the Enum: hashing a Reason runs Enum.__hash__ in Python, per answer.
+_GROUP = attrgetter("source", "reason._value_", "timings.total_ms")
 _FALLBACK = attrgetter("fallback")
 _FAILURE = attrgetter("cloud_failure")
 
@@ -95,7 +96,7 @@ class Telemetry:
         # share one Timings, so a confident batch of 64 is one counter add and one histogram add.
         if len(predictions) == 1:  # one image (the confident hot path): no loop, no grouping
             p = predictions[0]
-            groups = (((p.source, p.reason, p.timings.total_ms), 1),)
+            groups = (((p.source, p.reason._value_, p.timings.total_ms), 1),)
             fallbacks, failure = p.fallback, p.cloud_failure
         else:  # per answer only C-level passes (attrgetter, Counter, sum, filter): no Python loop
             groups = Counter(map(_GROUP, predictions)).items()
@@ -110,7 +111,7 @@ class Telemetry:
             self.requests += len(predictions)
             self.fallbacks += fallbacks
             for (source, reason, total_ms), count in groups:
-                key = (source, reason._value_)
+                key = (source, reason)
                 self.by_source_reason[key] += count
                 hist = self.latency.get(key)
                 if hist is None:
