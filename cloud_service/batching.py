@@ -42,8 +42,10 @@ in row order; a request that fits is never split.
 
 A batch that runs alone -- no other batch running and nothing left queued -- goes to
 ``execute_solo`` when one is given: the data plane passes a session with more intra-op threads,
-so at low concurrency one request gets the cores that the instances would otherwise share.
-Its (faster) times are not fed to the service-time model, which predicts batches under contention.
+so at low concurrency one request gets the cores that the instances would otherwise share. While
+it runs it holds every instance (requests arriving meanwhile queue and go together as the next
+batch, as when all instances are busy) rather than add a thread to cores it already uses. Its
+(faster) times are not fed to the service-time model, which predicts batches under contention.
 
 Every scheduling decision is appended to ``decisions`` (bounded), so tests can check what the
 batcher decided rather than how long things took; ``clock`` and ``executor`` are injectable.
@@ -247,6 +249,7 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # rows not yet handed to an instance
         self._running: dict[int, float] = {}  # batch id -> predicted end
+        self._solo_running = False  # a solo batch holds every instance's cores until it ends
         self._batch_ids = itertools.count()
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closing = False
@@ -398,6 +401,8 @@ class DynamicBatcher:
         model, size = self.service_time, self.max_batch_size
         batch_time = model.upper if margin else model.predict
         free = sorted(max(now, end) for end in self._running.values())
+        if self._solo_running:  # it uses the cores of all instances: none frees before it ends
+            free = free * self.instances
         free = [now] * (self.instances - len(free)) + free
         ahead = self._queued_rows
         total = ahead + rows
@@ -435,7 +440,7 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ scheduling
     def _dispatch(self) -> None:
         """Start batches while an instance is free and a batch is due."""
-        while self._queue and len(self._running) < self.instances:
+        while self._queue and len(self._running) < self.instances and not self._solo_running:
             if self._closing:
                 reason = "closing"
             elif self._queued_rows >= self.max_batch_size:
@@ -499,6 +504,7 @@ class DynamicBatcher:
         if not batch:
             return
         solo = self._execute_solo is not None and not self._running and not self._queue
+        self._solo_running = solo
         self.decisions.append(Decision("dispatch", f"{reason}+solo" if solo else reason, rows, now))
         batch_id = next(self._batch_ids)
         self._running[batch_id] = now + model.predict(rows)
@@ -526,6 +532,8 @@ class DynamicBatcher:
     def _on_done(self, fut: concurrent.futures.Future, batch_id: int, batch: list[_Part], rows: int,
                  started: float, solo: bool = False) -> None:
         del self._running[batch_id]
+        if solo:
+            self._solo_running = False
         m = self._metrics
         exc = fut.exception() if not fut.cancelled() else Unavailable("execution cancelled at shutdown")
         if exc is not None:

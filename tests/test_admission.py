@@ -260,7 +260,7 @@ def test_idle_instance_dispatches_a_lone_request_without_waiting_for_the_delay(w
         assert decisions == [("wait", "delay", 1)] and calls == 0
 
 
-def test_a_batch_that_runs_alone_goes_to_the_solo_session_and_is_not_learned_from():
+def test_a_batch_that_runs_alone_goes_to_the_solo_session_holds_every_instance_and_is_not_learned_from():
     clock, ex = FakeClock(), FakeExecutor()
     solo_inputs: list[np.ndarray] = []
 
@@ -275,21 +275,30 @@ def test_a_batch_that_runs_alone_goes_to_the_solo_session_and_is_not_learned_fro
         before = (b.service_time.fixed_s, b.service_time.per_row_s)
         lone = asyncio.ensure_future(b.submit(rows(1)))
         await until(lambda: len(ex.pending) == 1)
-        second = asyncio.ensure_future(b.submit(rows(1, 1)))  # instance 1 busy: no longer alone
-        await until(lambda: len(ex.pending) == 2)
-        queued = [asyncio.ensure_future(b.submit(rows(1, i))) for i in (2, 3)]  # both busy: queued
+        # The solo run uses both instances' cores: these wait for it although instance 2 is idle.
+        pair = [asyncio.ensure_future(b.submit(rows(1, i))) for i in (1, 2)]
         await until(lambda: b.queue_depth == 2)
-        ex.complete(0)  # the solo run ends; the queued pair starts while the second still runs
-        await until(lambda: len(ex.pending) == 2)
+        assert len(ex.pending) == 1
+        ex.complete(0)
+        await until(lambda: len(ex.pending) == 1)  # the pair as one batch (alone again: solo too)
         after_solo = (b.service_time.fixed_s, b.service_time.per_row_s)
-        await drain(b, ex, [lone, second, *queued])
-        return [d.reason for d in b.decisions if d.kind == "dispatch"], before, after_solo, lone.result()
+        # Five more while it runs: four fill a batch that leaves one queued (not alone), and the one
+        # left goes to the other instance at once (a batch is running: not alone either).
+        more = [asyncio.ensure_future(b.submit(rows(1, i))) for i in range(3, 8)]
+        await until(lambda: b.queue_depth == 5)
+        ex.complete(0)
+        await until(lambda: len(ex.pending) == 2)
+        await drain(b, ex, [lone, *pair, *more])
+        return ([(d.reason, d.rows) for d in b.decisions if d.kind == "dispatch"], before, after_solo,
+                lone.result(), [t.result() for t in pair])
 
-    reasons, before, after_solo, lone_result = run(main())
-    assert reasons == ["idle+solo", "idle", "idle"]
-    assert [x.tolist() for x in solo_inputs] == [rows(1).tolist()]  # only the lone request ran solo
+    dispatches, before, after_solo, lone_result, pair_results = run(main())
+    assert dispatches == [("idle+solo", 1), ("idle+solo", 2), ("full", 4), ("idle", 1)]
+    assert [len(x) for x in solo_inputs] == [1, 2]
     assert after_solo == before
     np.testing.assert_array_equal(lone_result[0], rows(1) * 2)
+    for i, r in zip((1, 2), pair_results):
+        np.testing.assert_array_equal(r[0], rows(1, i) * 2)
 
 
 def test_requests_arriving_while_all_instances_are_busy_go_as_one_batch():
