@@ -117,6 +117,16 @@ class Prediction(BaseModel):
     arm: Optional[str] = None  # the A/B arm (policy `experiments`) that routed this request
 
 
-_FIELDS = {cls: frozenset(cls.model_fields) for cls in (Timings, EdgeOpinion, Prediction)}
+class _FieldsSet(frozenset):
+    """The field-set every answer shares (one object, never mutated). Copying it gives a mutable
+    set: ``model_copy(update=...)`` copies the model's field set and then adds to the copy."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> set:
+        return set(self)
+
+
+_FIELDS = {cls: _FieldsSet(cls.model_fields) for cls in (Timings, EdgeOpinion, Prediction)}
 _DEFAULTS = {cls: {k: f.default for k, f in cls.model_fields.items() if not f.is_required()}  # all immutable
              for cls in (Timings, EdgeOpinion, Prediction)}

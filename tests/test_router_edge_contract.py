@@ -10,6 +10,7 @@ import logging
 import shutil
 
 import numpy as np
+import pydantic
 import pytest
 
 from edge_model.errors import ArtifactError
@@ -113,3 +114,15 @@ def test_the_session_is_built_from_the_bytes_that_were_verified(tmp_path, monkey
     monkeypatch.setattr(runtime, "read_verified", real)
     with pytest.raises(ArtifactError, match="sha256"):
         EdgeModel(manifest)  # the swapped file itself is refused
+
+
+def test_an_answer_is_a_regular_frozen_model(router, image):
+    """Answers are built without validation (their fields are the router's own): pydantic's own
+    operations on them still work, and copying never changes the original."""
+    p = router.predict(image)
+    changed = p.model_copy(update={"label": "somewhere else"})
+    assert changed.label == "somewhere else" and p.label != "somewhere else"
+    assert "label" in changed.model_fields_set and p.model_copy() == p
+    assert type(p).model_validate(p.model_dump()) == p
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        p.label = "x"
