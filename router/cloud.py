@@ -655,10 +655,13 @@ def _core_url(url: str):
     return _httpcore().URL(url)
 
 
-def _left(timeout: Optional[float]) -> float:
+def _left(timeout: Optional[float]) -> Optional[float]:
     """A socket operation's timeout cut to what is left of this thread's attempt; at or past the
     end, the operation is not started."""
-    left = getattr(_deadline, "at", float("inf")) - time.monotonic()
+    at = getattr(_deadline, "at", None)
+    if at is None:  # no attempt in this thread bounds it (a socket timeout cannot be infinite)
+        return timeout
+    left = at - time.monotonic()
     if left <= 0.0:
         raise socket.timeout("attempt deadline reached")
     return left if timeout is None else min(timeout, left)
@@ -997,7 +1000,7 @@ class CloudClient:
         ep = call.state.endpoint
         t0 = time.monotonic()
         timeout_s = call.remaining_s()
-        outer = getattr(_deadline, "at", float("inf"))
+        outer = getattr(_deadline, "at", None)
         _deadline.at = t0 + timeout_s
         try:
             info = call.state.meta or self._fetch_metadata_sync(call.state, timeout_s)
