@@ -150,8 +150,12 @@ class ServedModel:
         options = ort.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         x = np.zeros((1, *(d if d > 0 else 1 for d in self.sample_shape)), self.input_dtype)
-        self.classifier.session.run(None, {self.input_name: x}, options)
-        return release_memory()
+        try:
+            for classifier in filter(None, (self.classifier, self.solo_classifier)):  # an arena per session
+                classifier.session.run(None, {self.input_name: x}, options)
+        finally:  # the C heap is trimmed whatever became of the shrink runs
+            released = release_memory()
+        return released
 
     def metadata(self) -> protocol.ModelMetadataResponse:
         n = len(self.labels)

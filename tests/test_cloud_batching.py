@@ -309,3 +309,41 @@ def test_release_memory_runs_on_this_platform_or_says_no():
     from cloud_service.batching import release_memory
 
     assert release_memory() in (True, False)  # glibc: malloc_trim(0); elsewhere a no-op
+
+
+def test_a_served_model_releases_the_memory_of_each_of_its_sessions(monkeypatch):
+    """release_memory shrinks every session's arena (the solo session has its own) and trims the C
+    heap even when a shrink run fails."""
+    import dataclasses
+
+    import cloud_service.dataplane as dataplane
+    from cloud_service.settings import DEFAULT_MANIFEST, ServiceSettings
+    from edge_model.runtime import OnnxClassifier, SessionOptions
+
+    solo = OnnxClassifier(DEFAULT_MANIFEST, dataclasses.replace(SessionOptions(), intra_op_threads=2,
+                                                                spin_only_in_run=True))
+    model = dataplane.ServedModel("m", OnnxClassifier(DEFAULT_MANIFEST), ServiceSettings(), ServiceMetrics(),
+                                  solo_classifier=solo)
+
+    class Spy:
+        def __init__(self, name, session, fail=False):
+            self.name, self.session, self.fail = name, session, fail
+
+        def run(self, *args):
+            runs.append(self.name)
+            if self.fail:
+                raise RuntimeError("arena shrink failed")
+            return self.session.run(*args)
+
+    runs: list[str] = []
+    trims: list[bool] = []
+    monkeypatch.setattr(dataplane, "release_memory", lambda: trims.append(True) or True)
+    monkeypatch.setattr(model.classifier, "_session", Spy("main", model.classifier.session))
+    monkeypatch.setattr(solo, "_session", Spy("solo", solo.session))
+    assert model.release_memory() is True
+    assert runs == ["main", "solo"] and trims == [True]
+
+    monkeypatch.setattr(solo, "_session", Spy("solo", solo.session, fail=True))
+    with pytest.raises(RuntimeError, match="arena shrink failed"):
+        model.release_memory()
+    assert trims == [True, True]
