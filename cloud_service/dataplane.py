@@ -289,7 +289,7 @@ class DataPlane:
         t0 = time.monotonic()
         classifier = await asyncio.to_thread(OnnxClassifier, cfg.manifest, options)
         solo = None
-        if rt.solo_threads > rt.intra_op_threads:
+        if rt.solo_threads > rt.intra_op_threads and self.settings.batching.enabled:  # (off: every request alone anyway)
             # Its pool threads spin inside a run only (a sleeping pool's wake-ups cost what the extra
             # thread gains on small batches); after one they would take the cores from the other
             # instances and the event loop.

@@ -74,7 +74,7 @@ class RuntimeSettings(_Section):
     solo_threads: int = Field(
         0, ge=0, le=256,
         description="intra-op threads of a batch that runs alone (no other batch running or queued): "
-                    "a lone request then uses the cores the instances would share; 0: off",
+                    "a lone request then uses the cores the instances would share; 0: off (also with batching off)",
     )
     warmup_runs: int = Field(3, ge=0, le=1000)
 
