@@ -1030,11 +1030,12 @@ class CloudClient:
                         content: Optional[bytes] = None) -> tuple[int, httpx.Headers | list, bytes]:
         """One request; the body is streamed and reading stops past ``cap`` bytes (a 200 over the
         cap is a CloudProtocolError; an error body is just cut: only its message is wanted).
-        Each phase (connect, pool wait, write, read) is bounded by ``timeout_s``, the whole by the
-        caller's ``asyncio.timeout``."""
+        Connecting is bounded by ``connect_timeout_ms`` (and ``timeout_s``), each other phase (pool
+        wait, write, read) by ``timeout_s``, the whole by the caller's ``asyncio.timeout``."""
         if self._transport is not None:  # an injected httpx transport (tests, tools)
             return await self._exchange_httpx(ep, method, url, cap, timeout_s, content)
-        timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
+        connect = min(self.settings.connect_timeout_ms / 1000.0, timeout_s)  # as the sync attempts
+        timeouts = {"connect": connect, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         headers = [(k.encode(), v.encode()) for k, v in request_headers(ep).items()]
         async with self._apool(ep).stream(method, _core_url(url), headers=headers, content=content,
                                           extensions={"timeout": timeouts}) as r:

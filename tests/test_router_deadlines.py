@@ -107,3 +107,64 @@ def test_a_server_dripping_bytes_cannot_hold_an_attempt_past_its_deadline():
         assert server.served >= 1  # the attempts really reached the server and were dripped on
     finally:
         server.close()
+
+
+class FullBacklogServer:
+    """A real loopback listener whose accept queue is full and never drained: the kernel drops
+    new SYNs, so a connect to it neither succeeds nor fails -- it hangs until the client gives up."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.fillers = []
+        for _ in range(4):  # more than the queue holds; the extra ones just wait themselves
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(self.sock.getsockname())
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+def test_connecting_is_bounded_by_connect_timeout_not_the_attempt_sync_and_async():
+    """connect_timeout_ms bounds a connect that hangs, for predict and apredict alike: the attempt
+    (per_try 3 s) fails in ~0.1 s and the edge answers long before the 5 s deadline."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from router import Router
+    from router.policy import parse_policy
+
+    server = FullBacklogServer()
+    try:
+        policy = parse_policy({"confidence_threshold": 1.0, "decision_log": False,
+                               "cloud": {"endpoints": [{"url": server.url, "initial_latency_ms": 1}],
+                                         "connect_timeout_ms": 100, "per_try_timeout_ms": 3000,
+                                         "retry": {"max_attempts": 1}, "health_probe_interval_s": 0,
+                                         "breaker": {"failure_threshold": 100}}})
+        img = np.zeros((28, 28), np.uint8)
+        with Router(policy) as router:
+            t0 = time.monotonic()
+            p = router.predict(img, deadline_ms=5000)
+            took_sync = time.monotonic() - t0
+
+            async def one():
+                t0 = time.monotonic()
+                return await router.apredict(img, deadline_ms=5000), time.monotonic() - t0
+
+            q, took_async = asyncio.run(one())
+        for answer, took in ((p, took_sync), (q, took_async)):
+            assert answer.source == "edge" and answer.reason.value == "cloud_error", answer
+            assert answer.cloud_failure.category == "timeout" and "Connect" in answer.cloud_failure.message
+            assert took < 1.5, took  # a hang bound: bounded by the attempt it would take 3 s
+    finally:
+        server.close()
