@@ -412,6 +412,19 @@ def _body_limit(ep: Endpoint, ok: bool, cap: int, declared) -> int:
     return limit
 
 
+async def _read_async(chunks, limit: int) -> bytearray:
+    """A streamed body (an async iterator of bytes) until it ends or passes ``limit`` bytes. The
+    loop is left by break, not raise, and the generator closed here: an exception's traceback
+    would keep it alive until some other thread drops it."""
+    buf = bytearray()
+    async with contextlib.aclosing(chunks) as stream:
+        async for chunk in stream:
+            buf += chunk
+            if len(buf) > limit:
+                break
+    return buf
+
+
 def _cut(ep: Endpoint, ok: bool, buf: bytearray, limit: int) -> None:
     """A body read past ``limit``: a 200 is refused, an error body is cut there."""
     if len(buf) > limit:
@@ -1042,14 +1055,7 @@ class CloudClient:
             ok = r.status == 200
             declared = next((v for k, v in r.headers if k.lower() == b"content-length"), None)
             limit = _body_limit(ep, ok, cap, declared)
-            buf = bytearray()
-            # Leave the loop by break, not raise, and close the generator here: an exception's
-            # traceback would keep it alive until some other thread drops it.
-            async with contextlib.aclosing(r.aiter_stream()) as chunks:
-                async for chunk in chunks:
-                    buf += chunk
-                    if len(buf) > limit:
-                        break
+            buf = await _read_async(r.aiter_stream(), limit)
         _cut(ep, ok, buf, limit)
         return r.status, r.headers, bytes(buf)
 
@@ -1059,12 +1065,7 @@ class CloudClient:
                                            content=content) as r:
             ok = r.status_code == 200
             limit = _body_limit(ep, ok, cap, r.headers.get("content-length"))
-            buf = bytearray()
-            async with contextlib.aclosing(r.aiter_bytes()) as chunks:
-                async for chunk in chunks:
-                    buf += chunk
-                    if len(buf) > limit:
-                        break
+            buf = await _read_async(r.aiter_bytes(), limit)
         _cut(ep, ok, buf, limit)
         return r.status_code, r.headers, bytes(buf)
 
