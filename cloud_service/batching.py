@@ -390,6 +390,10 @@ class DynamicBatcher:
                 self._remove(item)
                 self._check_idle()
             raise
+        finally:
+            # An exception out of the future would otherwise close a cycle (this frame -> item ->
+            # future -> exception -> traceback -> this frame) holding the request, as above.
+            del item
 
     def expected_completion(self, rows: int, now: Optional[float] = None, margin: bool = True) -> float:
         """Predicted ``clock`` instant at which a request of ``rows`` submitted now would be answered.
@@ -559,6 +563,11 @@ class DynamicBatcher:
                 n = stop - start
                 if item.future.done():  # answered already (deadline, client gone, failed chunk)
                     wasted += n
+                    # Drop its executions: each one's done callback (``collect``) holds this batch, so
+                    # item -> execution -> collect -> batch -> item is a cycle, and through the item's
+                    # exception and its traceback it would keep the whole request alive until a full
+                    # collection (an idle server runs none: several MiB of RSS after a flood of 504s).
+                    item.executions = []
                 else:
                     item.parts.append((start, tuple(o[offset:offset + n] for o in outputs)))
                     item.done_rows += n

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -206,6 +208,42 @@ def test_deadline_passing_during_execution_answers_at_once():
     m = run(main())
     assert fake.calls == [1]
     assert sample(m, "hybrid_cloud_expired_requests_total") == 0  # it was not expired *in the queue*
+
+
+@pytest.mark.parametrize("where", ["queued", "running"])
+def test_an_expired_request_is_freed_at_once_not_left_to_the_cycle_collector(where):
+    # A 504's request must not sit in a reference cycle: an idle server runs no full collection,
+    # so after a flood of them each cycle kept a whole request (body, input, connection) for good.
+    fake = Recorder()
+    if where == "running":
+        fake.hold.clear()
+    seen: list[weakref.ref] = []
+
+    async def main():
+        b, _ = make(fake, max_queue_delay_s=30.0 if where == "queued" else 0.0)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit(rows(1))) if where == "queued" else None
+        x = rows(1, 7)
+        seen.append(weakref.ref(x))
+        try:
+            await b.submit(x, deadline=time.monotonic() + 0.05)
+        except DeadlineExceeded as exc:
+            seen.append(weakref.ref(exc))
+        del x
+        fake.hold.set()
+        await b.stop()  # waits for the running batch: the expired item's execution has finished
+        if blocker is not None:
+            await blocker
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main())
+        alive = [ref() is not None for ref in seen]
+    finally:
+        gc.enable()
+    assert len(seen) == 2, "the request did not expire"
+    assert alive == [False, False], "the expired request's input / exception are held by a reference cycle"
 
 
 def test_failure_reaches_every_request_of_the_batch_and_the_next_batch_works():
