@@ -320,6 +320,34 @@ def test_requests_arriving_while_all_instances_are_busy_go_as_one_batch():
         np.testing.assert_array_equal(t.result()[0], rows(1, i) * 2)
 
 
+def test_a_batch_stops_growing_where_it_would_finish_after_a_members_deadline():
+    # Equal budgets: the first queued has the tightest deadline. Checking each request only against
+    # the batch so far let later ones stretch the batch past it (computed, then thrown away).
+    clock, ex = FakeClock(), FakeExecutor()
+
+    async def main():
+        b, m = make(clock, ex, instances=1, max_batch_size=4)  # batch time: 8 s + 2 s per row
+        b.start()
+        first = asyncio.ensure_future(b.submit(rows(1, 0)))
+        await until(lambda: len(ex.pending) == 1)
+        t0 = clock()
+        # Formed when `first` ends (t0 + 10): 1 or 2 rows end by t0 + 20 / 22, 3 rows at t0 + 24.
+        tight = asyncio.ensure_future(b.submit(rows(1, 1), deadline=t0 + 23.0))
+        loose = [asyncio.ensure_future(b.submit(rows(1, i), deadline=t0 + 200.0)) for i in (2, 3, 4)]
+        await until(lambda: b.queue_depth == 4)
+        ex.complete(0)
+        await until(lambda: len(ex.pending) == 1)
+        ex.complete(0)  # the 2-row batch: ends at t0 + 22, within `tight`'s deadline
+        await until(lambda: tight.done())
+        await drain(b, ex, [first, tight, *loose])
+        return [d.rows for d in b.decisions if d.kind == "dispatch"], [d for d in b.decisions if d.kind == "drop"], m
+
+    sizes, drops, m = run(main())
+    assert sizes == [1, 2, 2]
+    assert drops == []
+    assert sample(m, "hybrid_cloud_wasted_rows_total") == 0
+
+
 def test_request_larger_than_max_batch_is_split_across_instances_and_reassembled_in_order():
     clock, ex = FakeClock(), FakeExecutor()
 
