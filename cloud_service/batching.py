@@ -67,8 +67,9 @@ calls :func:`release_memory` in a short-lived thread (the call takes millisecond
 milliseconds on a fragmented heap and releases the GIL). glibc only; elsewhere it does nothing.
 Nothing of a finished request may sit in a reference cycle: an idle server runs no full
 collection, so a cycle keeps its request (body, input, connection objects) until the next flood.
-What stays after a flood (+4-5 MiB, flat over repeated floods) is CPython's small-object arenas
-and the main heap pinned by live blocks allocated during it; ``malloc_trim`` cannot return those.
+What stays after a flood (+4-5 MiB in most runs of ``bench/overload.py``) is CPython's
+small-object arenas and the main heap, pinned by live blocks allocated during it; ``malloc_trim``
+cannot return those.
 """
 
 from __future__ import annotations
@@ -396,7 +397,8 @@ class DynamicBatcher:
             raise
         finally:
             # An exception out of the future would otherwise close a cycle (this frame -> item ->
-            # future -> exception -> traceback -> this frame) holding the request, as above.
+            # future -> exception -> traceback -> this frame) that holds the whole request until a
+            # full collection (see the module docstring, "Memory after load").
             del item
 
     def expected_completion(self, rows: int, now: Optional[float] = None, margin: bool = True) -> float:
