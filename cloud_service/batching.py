@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import itertools
 import logging
 import math
@@ -90,6 +89,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from edge_model import heap
 from cloud_service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, Unavailable
 from cloud_service.metrics import ModelMetrics
 
@@ -103,29 +103,9 @@ MAX_BACKOFF_S = 30.0
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
-def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None  # musl and others: no malloc_trim
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (ValueError, OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
 def release_memory() -> bool:
     """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
+    return heap.trim()
 
 
 class ServiceTimeModel:

@@ -41,8 +41,6 @@ so a decompression bomb is refused in milliseconds without a large allocation.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import io
 import numbers
 import os
@@ -57,6 +55,7 @@ from typing import IO, Literal, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from edge_model import heap
 from edge_model.errors import ArrayInputError, DecodeBusy, ImageDecodeError, ImageTooLarge
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray]
@@ -255,33 +254,11 @@ def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: floa
     DECODE_BUDGET.configure(total_bytes, per_image_bytes, wait_s)
 
 
-def _load_malloc_trim():
-    # glibc's soname first: ctypes.util.find_library runs `ldconfig -p` in a subprocess (10-40 ms
-    # of every import of this module, i.e. of the router's cold start).
-    if os.name != "posix":
-        return None
-    for find in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
-        name = find()
-        if not name:
-            continue
-        try:
-            return ctypes.CDLL(name).malloc_trim
-        except OSError:  # no library by this name: try the next
-            continue
-        except AttributeError:  # not glibc (musl, macOS): nothing to trim
-            return None
-    return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def _malloc_trim() -> None:
     # Pillow's 16 MB image blocks come from malloc, and glibc keeps freed memory in per-thread
     # arenas: decodes on several threads then each keep their own hundreds of MB, so the RSS grows
     # far beyond the budget during a burst and stays there after it.
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    heap.trim()
 
 
 def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:
