@@ -63,8 +63,9 @@ running batches (bounded), so a graceful shutdown computes everything already ac
 Memory after load (``idle_trim_s``): glibc keeps freed heap pages (request bodies, pixel lists,
 batch tensors freed in the worker threads' arenas) and ONNX Runtime's arena keeps its peak. So
 once the batcher has been idle for ``idle_trim_s`` after at least ``trim_after`` requests, it
-calls :func:`release_memory` in a short-lived thread (the call takes milliseconds to tens of
-milliseconds on a fragmented heap and releases the GIL). glibc only; elsewhere it does nothing.
+calls ``release`` in a short-lived thread: by default :func:`edge_model.heap.trim` (glibc's
+``malloc_trim``; elsewhere nothing), from the data plane its arena shrink first. The call takes
+milliseconds to tens of milliseconds on a fragmented heap and releases the GIL.
 Nothing of a finished request may sit in a reference cycle: an idle server runs no full
 collection, so a cycle keeps its request (body, input, connection objects) until the next flood.
 What stays after a flood (+4-5 MiB in most runs of ``bench/overload.py``) is CPython's
@@ -79,8 +80,6 @@ import concurrent.futures
 import itertools
 import logging
 import math
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -101,11 +100,6 @@ Clock = Callable[[], float]
 MAX_BACKOFF_S = 30.0
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
-
-
-def release_memory() -> bool:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
-    return heap.trim()
 
 
 class ServiceTimeModel:
@@ -212,7 +206,7 @@ class DynamicBatcher:
         service_time: Optional[ServiceTimeModel] = None,
         idle_trim_s: Optional[float] = None,
         trim_after: int = 32,
-        release: Callable[[], bool] = release_memory,
+        release: Callable[[], bool] = heap.trim,
         execute_solo: Optional[ExecuteFn] = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:

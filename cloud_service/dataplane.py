@@ -38,9 +38,10 @@ from typing import Optional
 
 import numpy as np
 
+from edge_model import heap
 from edge_model.calibration import calibrated_softmax
 from oip import protocol
-from cloud_service.batching import DynamicBatcher, release_memory, unbatched
+from cloud_service.batching import DynamicBatcher, unbatched
 from cloud_service.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -154,7 +155,7 @@ class ServedModel:
             for classifier in filter(None, (self.classifier, self.solo_classifier)):  # an arena per session
                 classifier.session.run(None, {self.input_name: x}, options)
         finally:  # the C heap is trimmed whatever became of the shrink runs
-            released = release_memory()
+            released = heap.trim()
         return released
 
     def metadata(self) -> protocol.ModelMetadataResponse:

@@ -239,7 +239,10 @@ class DecodeBudget:
             yield
         finally:
             if nbytes >= _TRIM_AFTER_BYTES:
-                _malloc_trim()  # before the budget is handed on: what it stood for is really free again
+                # Before the budget is handed on, so that what it stood for is really free again:
+                # Pillow's 16 MB image blocks come from malloc, and glibc keeps freed memory in
+                # per-thread arenas (decodes on several threads would each keep hundreds of MB).
+                heap.trim()
             with self._cond:
                 self.in_use -= nbytes
                 self._cond.notify_all()
@@ -252,13 +255,6 @@ _TRIM_AFTER_BYTES = 8 * 1024 * 1024
 def configure_decode_budget(total_bytes: int, per_image_bytes: int, wait_s: float = 15.0) -> None:
     """Size the process-wide :data:`DECODE_BUDGET` (the cloud service does this from its settings)."""
     DECODE_BUDGET.configure(total_bytes, per_image_bytes, wait_s)
-
-
-def _malloc_trim() -> None:
-    # Pillow's 16 MB image blocks come from malloc, and glibc keeps freed memory in per-thread
-    # arenas: decodes on several threads then each keep their own hundreds of MB, so the RSS grows
-    # far beyond the budget during a burst and stays there after it.
-    heap.trim()
 
 
 def to_pixels(image: ImageInput, config: PreprocessConfig = DEFAULT_CONFIG, *, normalised: bool = False) -> np.ndarray:

@@ -349,9 +349,9 @@ def test_memory_is_released_once_idle_after_load_and_not_while_busy():
 
 
 def test_release_memory_runs_on_this_platform_or_says_no():
-    from cloud_service.batching import release_memory
+    from edge_model import heap
 
-    assert release_memory() in (True, False)  # glibc: malloc_trim(0); elsewhere a no-op
+    assert heap.trim() in (True, False)  # glibc: malloc_trim(0); elsewhere a no-op
 
 
 def test_a_served_model_releases_the_memory_of_each_of_its_sessions(monkeypatch):
@@ -380,7 +380,7 @@ def test_a_served_model_releases_the_memory_of_each_of_its_sessions(monkeypatch)
 
     runs: list[str] = []
     trims: list[bool] = []
-    monkeypatch.setattr(dataplane, "release_memory", lambda: trims.append(True) or True)
+    monkeypatch.setattr(dataplane.heap, "trim", lambda: trims.append(True) or True)
     monkeypatch.setattr(model.classifier, "_session", Spy("main", model.classifier.session))
     monkeypatch.setattr(solo, "_session", Spy("solo", solo.session))
     assert model.release_memory() is True
