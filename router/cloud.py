@@ -677,7 +677,17 @@ def _left(timeout: Optional[float]) -> Optional[float]:
     left = at - time.monotonic()
     if left <= 0.0:
         raise socket.timeout("attempt deadline reached")
-    return left if timeout is None else min(timeout, left)
+    return _poll_timeout(left) if timeout is None or timeout >= left else timeout
+
+
+def _poll_timeout(left: float) -> float:
+    """A socket timeout that wakes by the end ``left`` seconds away. CPython waits on a socket
+    with ``poll()`` and rounds the timeout *up* to a whole millisecond (socketmodule.c,
+    ``_PyTime_ROUND_CEILING``): 12.3 ms left would wake 13 ms later, half a millisecond past the
+    end on average, before the GIL is even asked for. So whole milliseconds, less a microsecond
+    (0.012 as a float may become 12.000001 ms and be rounded up again). Under a millisecond the
+    remainder goes as is: poll's shortest wait, < 1 ms past the attempt's end, inside the reserve."""
+    return left if left < 0.001 else math.floor(left * 1000.0) / 1000.0 - 1e-6
 
 
 class _DeadlineStream:

@@ -168,3 +168,42 @@ def test_connecting_is_bounded_by_connect_timeout_not_the_attempt_sync_and_async
             assert took < 1.5, took  # a hang bound: bounded by the attempt it would take 3 s
     finally:
         server.close()
+
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("left_ms", [0.2, 0.999, 1.0, 1.0004, 1.7, 12.0, 12.3, 49.9999, 95.0, 1000.0])
+def test_a_socket_wait_cut_to_the_attempt_end_wakes_by_that_end_despite_polls_rounding_up(left_ms):
+    """CPython rounds a socket timeout up to whole milliseconds for poll(): the timeout handed to
+    the socket, rounded so, lands at or before the end (or, under a millisecond, poll's shortest
+    wait: at most 1 ms after it)."""
+    from router.cloud import _poll_timeout
+
+    left = left_ms / 1000.0
+    t = _poll_timeout(left)
+    assert t > 0
+    # socketmodule.c: seconds -> nanoseconds (rounded up), then -> milliseconds (rounded up)
+    waits_ms = math.ceil(math.ceil(t * 1e9) / 1e6)
+    if left_ms >= 1.0:
+        assert waits_ms <= left_ms and left_ms - waits_ms < 1.0
+    else:
+        assert waits_ms == 1
+
+
+def test_every_sync_socket_operation_gets_the_rounded_timeout():
+    import time
+
+    from router import cloud
+
+    for extra_ms in (0.3, 7.77, 12.3, 30.0):
+        before = time.monotonic()
+        cloud._deadline.at = before + extra_ms / 1000.0
+        try:
+            t = cloud._left(None)
+            assert before + math.ceil(math.ceil(t * 1e9) / 1e6) / 1000.0 <= cloud._deadline.at + (extra_ms < 1) * 1e-3
+            assert cloud._left(0.002) == 0.002 or extra_ms < 2  # an operation's own shorter timeout stands
+        finally:
+            cloud._deadline.at = None
