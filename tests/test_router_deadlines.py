@@ -207,3 +207,39 @@ def test_every_sync_socket_operation_gets_the_rounded_timeout():
             assert cloud._left(0.002) == 0.002 or extra_ms < 2  # an operation's own shorter timeout stands
         finally:
             cloud._deadline.at = None
+
+
+def test_a_failed_escalation_leaves_nothing_for_the_cycle_collector():
+    """The attempt's error is returned without its traceback: kept, the error, the frame that
+    caught it and that frame's locals (the request's body and arrays) formed a cycle per failed
+    attempt, freed only by the collector's pauses. With the collector off, nothing of a failed
+    sync attempt may be left unreachable."""
+    import gc
+    import types
+
+    import numpy as np
+
+    from router import Router
+    from router.errors import CloudError
+    from router.policy import parse_policy
+
+    img = np.zeros((28, 28), np.uint8)
+    with BENCH["SilentServer"]() as server, Router(parse_policy({
+            "confidence_threshold": 1.0, "decision_log": False, "reload_check_interval_s": 0,
+            "cloud": {"endpoints": [{"url": server.url}], "retry": {"max_attempts": 1},
+                      "health_probe_interval_s": 0}})) as router:
+        router.predict(img, deadline_ms=40)  # one-off set-up outside the count
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                assert router.predict(img, deadline_ms=40).reason.value == "cloud_error"
+            gc.collect()
+            ours = [o for o in gc.garbage if isinstance(o, CloudError)
+                    or (isinstance(o, types.FrameType) and o.f_code.co_filename.endswith(("router/cloud.py", "router/api.py")))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert ours == [], f"{len(ours)} objects of failed attempts were left to the cycle collector"
