@@ -9,13 +9,19 @@ thread and loop start-up, client set-up) land there. The *steady state* is later
 same process. The breaker is disabled so that every wave really waits on the network.
 
     .venv/bin/python bench/deadlines.py [--processes 10] [--waves 20] [--deadline-ms 50] [--json out.json]
-        [--concurrent 3] [--switch-intervals 0.001,0.0002] [--baseline DIR]
+        [--concurrent 3] [--switch-intervals 0.001,0.0002] [--gc-freeze] [--baseline DIR]
 
 Each wave also runs *control* sleepers (``--control`` threads and as many tasks on the apredict
 loop) that only sleep for the deadline: their lateness is what the OS scheduler and the GIL add
 to anything waking at that moment in that process, so the router's overrun can be told apart
 from the machine's. ``--concurrent K`` runs K worker processes at once (K x 18 threads on the
 cores: oversubscribed); ``--switch-intervals`` adds variants run under ``sys.setswitchinterval``.
+
+CPython's full (generation 2) collections stop every thread: with the router's ~57 k tracked
+objects one takes 15-40 ms on the 2-core machines here. Each worker records those that overlap a
+wave, and the report says how many of the waves over 2 ms had one. ``--gc-freeze`` adds the
+variant an application with tight deadlines is advised to run (README): ``gc.collect();
+gc.freeze()`` once the router is built, so later full collections skip the start-up objects.
 
 Worker mode (used by tests/test_router_deadlines.py): ``--worker URL`` runs one process's waves
 against URL and prints one JSON line ``{"first": {"sync": [...], "async": [...], "control_sync": ...,
@@ -25,6 +31,7 @@ against URL and prints one JSON line ``{"first": {"sync": [...], "async": [...],
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import concurrent.futures
 import json
@@ -76,7 +83,7 @@ class SilentServer:
 
 
 def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, n_control: int = 2,
-           switch_interval: float | None = None) -> dict:
+           switch_interval: float | None = None, gc_freeze: bool = False) -> dict:
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
     from router import Router
@@ -90,7 +97,21 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
                   "breaker": {"failure_threshold": 1_000_000, "min_calls": 1_000_000}},
     })
     router = Router(policy)
+    if gc_freeze:  # as the README advises an application with tight deadlines, once started
+        gc.collect()
+        gc.freeze()
     deadline_s = deadline_ms / 1000.0
+    full_gc: list[tuple[float, float]] = []  # (start, end) of each full collection from here on
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                gc_started[0] = time.monotonic()
+            else:
+                full_gc.append((gc_started[0], time.monotonic()))
+
+    gc.callbacks.append(on_gc)
 
     def wave() -> dict:
         sync_over: list[float] = [0.0] * n_sync
@@ -133,19 +154,26 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n_sync)]
         threads += [threading.Thread(target=ctl, args=(i,)) for i in range(n_control)]
+        began = time.monotonic()
         for t in threads:
             t.start()
         asyncio.run(fire())
         for t in threads:
             t.join()
+        ended = time.monotonic()
+        pauses = [(b - a) * 1000.0 for a, b in full_gc if b > began and a < ended]
         return {"sync": sync_over, "async": async_over, "control_sync": ctl_sync, "control_async": ctl_async,
-                "reasons": sorted(reasons), "noise_ms": max(ctl_sync + ctl_async + [0.0])}
+                "reasons": sorted(reasons), "noise_ms": max(ctl_sync + ctl_async + [0.0]), "full_gc_ms": pauses}
 
     first = wave()
     steady = {"sync": [], "async": [], "control_sync": [], "control_async": [], "reasons": set(), "noise_ms": 0.0,
-              "excess_sync": [], "excess_async": []}
+              "excess_sync": [], "excess_async": [], "full_gc_ms": [], "waves_over_2ms": 0, "over_2ms_with_full_gc": 0}
     for _ in range(waves - 1):
         w = wave()
+        steady["full_gc_ms"] += w["full_gc_ms"]
+        if max(w["sync"] + w["async"] + [-1e9]) > 2.0:
+            steady["waves_over_2ms"] += 1
+            steady["over_2ms_with_full_gc"] += bool(w["full_gc_ms"])
         for k in ("sync", "async", "control_sync", "control_async"):
             steady[k] += w[k]
         for side in ("sync", "async"):  # per wave: the router's worst minus the control's worst
@@ -157,18 +185,22 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
         if first[side]:
             first[f"excess_{side}"] = [max(first[side]) - max(first[f"control_{side}"] or [0.0])]
     steady["reasons"] = sorted(steady["reasons"])
+    gc.callbacks.remove(on_gc)
     router.close()
     return {"first": first, "steady": steady}
 
 
 def run_worker(url: str, n_sync: int = 8, n_async: int = 8, deadline_ms: float = 50.0, waves: int = 1,
-               timeout: float = 120.0, source: str | None = None, switch_interval: float | None = None) -> dict:
+               timeout: float = 120.0, source: str | None = None, switch_interval: float | None = None,
+               gc_freeze: bool = False) -> dict:
     """One fresh interpreter's waves (the first one is what a new process sees); ``source``: a
     folder holding another version of the packages to measure instead (e.g. a baseline)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", url, "--sync", str(n_sync),
            "--async", str(n_async), "--deadline-ms", str(deadline_ms), "--waves", str(waves)]
     if switch_interval is not None:
         cmd += ["--switch-interval", str(switch_interval)]
+    if gc_freeze:
+        cmd += ["--gc-freeze-worker"]
     env = dict(os.environ)
     if source:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
@@ -196,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrent", type=int, default=1,
                     help="worker processes running at once (more than the cores: oversubscribed)")
     ap.add_argument("--switch-interval", type=float, default=None, help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--gc-freeze-worker", action="store_true", help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="also measure the variant that runs gc.collect(); gc.freeze() once the router is built")
     ap.add_argument("--switch-intervals", default="",
                     help="comma-separated sys.setswitchinterval values (s) to measure as variants too, e.g. 0.001")
     ap.add_argument("--baseline", metavar="DIR", help="also measure the packages in DIR (e.g. `git archive REV | "
@@ -205,29 +240,38 @@ def main(argv=None) -> int:
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.sync, args.n_async, args.deadline_ms, args.waves, args.control,
-                                args.switch_interval)))
+                                args.switch_interval, args.gc_freeze_worker)))
         return 0
 
-    variants: dict[str, tuple[str | None, float | None]] = {"this tree": (None, None)}
+    variants: dict[str, tuple[str | None, float | None, bool]] = {"this tree": (None, None, False)}
     for si in filter(None, args.switch_intervals.split(",")):
-        variants[f"this tree, switch {float(si) * 1000:g} ms"] = (None, float(si))
+        variants[f"this tree, switch {float(si) * 1000:g} ms"] = (None, float(si), False)
+    if args.gc_freeze:
+        variants["this tree, gc.freeze()"] = (None, None, True)
     if args.baseline:
-        variants["baseline"] = (args.baseline, None)
+        variants["baseline"] = (args.baseline, None, False)
     keys = ("sync", "async", "control_sync", "control_async", "excess_sync", "excess_async")
     data = {v: {"first_wave": {k: [] for k in keys}, "steady": {k: [] for k in keys}} for v in variants}
+    gcs = {v: {"steady_waves": 0, "full_gc_ms": [], "waves_over_2ms": 0, "over_2ms_with_full_gc": 0} for v in variants}
     reasons: set[str] = set()
     load = [os.getloadavg()[0]]
     with SilentServer() as server, concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
         for _ in range(args.processes):
-            for name, (source, si) in variants.items():  # interleaved: machine noise hits them alike
+            for name, (source, si, freeze) in variants.items():  # interleaved: machine noise hits them alike
                 runs = [pool.submit(run_worker, server.url, args.sync, args.n_async, args.deadline_ms, args.waves,
-                                    source=source, switch_interval=si) for _ in range(args.concurrent)]
+                                    source=source, switch_interval=si, gc_freeze=freeze)
+                        for _ in range(args.concurrent)]
                 for fut in runs:
                     r = fut.result()
                     for phase, src in (("first_wave", r["first"]), ("steady", r["steady"])):
                         for k in keys:
                             data[name][phase][k] += src.get(k, [])
                     reasons |= set(r["first"]["reasons"]) | set(r["steady"]["reasons"])
+                    g = gcs[name]
+                    g["steady_waves"] += args.waves - 1
+                    g["full_gc_ms"] += r["steady"]["full_gc_ms"]
+                    g["waves_over_2ms"] += r["steady"]["waves_over_2ms"]
+                    g["over_2ms_with_full_gc"] += r["steady"]["over_2ms_with_full_gc"]
                 load.append(os.getloadavg()[0])
     result = {
         "deadline_ms": args.deadline_ms, "processes": args.processes, "waves": args.waves,
@@ -235,6 +279,10 @@ def main(argv=None) -> int:
         "load_average": {"min": min(load), "max": max(load)},
         "variants": {name: {phase: {k: _dist(v) for k, v in sides.items() if v} for phase, sides in d.items()}
                      for name, d in data.items()},
+        "full_collections": {name: {**{k: v for k, v in g.items() if k != "full_gc_ms"},
+                                    "full_gc": len(g["full_gc_ms"]),
+                                    "max_pause_ms": round(max(g["full_gc_ms"], default=0.0), 1)}
+                             for name, g in gcs.items()},
     }
     print(f"overrun past a {args.deadline_ms:g} ms deadline against a silent server ({args.processes} fresh "
           f"processes x {args.waves} waves of {args.sync} sync + {args.n_async} async + {args.control} control "
@@ -253,6 +301,11 @@ def main(argv=None) -> int:
                 fmt = lambda x: f"{x['max_ms']:+7.2f} / {x['p99_ms']:+7.2f} / {x['median_ms']:+7.2f}" if x else "-"
                 ex = f"{e['max_ms']:+7.2f} / {e['median_ms']:+7.2f}" if e else "-"
                 print(f"  {name:28s} {phase:10s} {side:5s} {fmt(d):>28s} {fmt(c):>28s} {ex:>21s}")
+    print("  steady waves: how many went over 2 ms (router's worst), and CPython's full collections during waves")
+    for name, g in result["full_collections"].items():
+        print(f"  {name:28s} {g['waves_over_2ms']} of {g['steady_waves']} waves over 2 ms, {g['over_2ms_with_full_gc']} "
+              f"of them during a full collection; {g['full_gc']} full collections during waves, longest "
+              f"{g['max_pause_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
