@@ -341,3 +341,26 @@ def test_flow_builds_route_contexts_in_the_rule_tables_field_order():
 
     assert RouteContext._fields == ("mode", "privacy", "now", "deadline", "reserve_s", "threshold", "confidence",
                                     "endpoints", "selection", "escalation_cap")
+
+
+@pytest.mark.parametrize("attempt_end, answer_by, ends", [
+    (10.000, 10.005, 10.010),  # the attempt ends before the request's deadline (the reserve)
+    (10.000, 10.000, 10.005),
+    (10.000, 9.990, 10.005),  # never before the attempt's own end
+    (float("inf"), 10.0, float("inf")),
+])
+def test_an_abandoned_attempt_ends_itself_after_the_requests_deadline(attempt_end, answer_by, ends):
+    """Its caller answers at the attempt's end; the attempt's clean-up waits until past the
+    request's deadline, when the answers due then are given."""
+    from router.api import _LATE_S, _late
+    from router.effects import CloudCall
+
+    call = CloudCall(state=None, x=np.zeros((1, 1)), pixels=None, timeout_s=0.050, budget_s=0.05, request_id="r",
+                     deadline=attempt_end)
+    late = _late(call, answer_by)
+    assert _LATE_S == 0.005
+    assert late.deadline == pytest.approx(ends)
+    if attempt_end != float("inf"):
+        assert late.timeout_s == pytest.approx(0.050 + (ends - attempt_end))
+    else:
+        assert late.timeout_s == pytest.approx(0.055)
