@@ -220,9 +220,9 @@ def quantile_ms(values: list[float], q: float) -> float:
     return 1000.0 * float(np.quantile(np.asarray(values), q))
 
 
-def service(config: Path, dispatch_when_idle: bool = True) -> LocalService:
+def service(config: Path, dispatch_when_idle: bool = True, env: Optional[dict] = None) -> LocalService:
     return LocalService(config, overrides={"batching.dispatch_when_idle": dispatch_when_idle,
-                                           "server.log_level": "warning"}, ready_timeout=120)
+                                           "server.log_level": "warning"}, ready_timeout=120, env=env)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -230,7 +230,7 @@ def service(config: Path, dispatch_when_idle: bool = True) -> LocalService:
 def run_overload(args) -> dict:
     levels = [int(c) for c in args.levels.split(",")]
     rows = []
-    with service(args.config) as svc:
+    with service(args.config, env=dict(kv.split("=", 1) for kv in args.service_env)) as svc:
         drive(svc, 8, 1.0, 0.5, args.budget_ms)  # warm the connection path and the service-time model
         # At rest: past the service's release of freed heap after load (keep-alive + 1 s, 6 s by default)
         time.sleep(args.rest)
@@ -367,6 +367,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("all", "overload", "dispatch"), default="all")
     p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the service's process only (e.g. PYTHONMALLOC=malloc)")
     p.add_argument("--levels", default="64,256", help="connections of the overload part")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=20.0, help="measured window per overload level")
