@@ -294,6 +294,25 @@ class DynamicBatcher:
     def running(self) -> int:
         return len(self._running)
 
+    async def warm_instances(self, fn: Callable[[], object], timeout_s: float = 120.0) -> None:
+        """Run ``fn`` once on every instance's thread, all at the same time, before serving.
+
+        A thread's first inference allocates what then stays with the thread: its own C heap
+        arena, ONNX Runtime's per-thread buffers sized by the largest batch it ran, its stack.
+        The pool starts threads only when work finds none idle, so without this the second
+        instance came to life under the first burst and its ~4-20 MiB looked like growth that
+        the service never gave back. A barrier holds each call until all have started: one
+        call per thread. Only with the batcher's own pool (an injected executor may have fewer)."""
+        if self._loop is None or self._executor is None or self._given_executor is not None:
+            return
+        barrier = threading.Barrier(self.instances, timeout=timeout_s)
+
+        def run() -> object:
+            barrier.wait()
+            return fn()
+
+        await asyncio.gather(*(self._loop.run_in_executor(self._executor, run) for _ in range(self.instances)))
+
     def observe(self, rows: int, seconds: float) -> None:
         """Feed the service-time model a measured batch (the data plane seeds it at warm-up)."""
         st = self.service_time

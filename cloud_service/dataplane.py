@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -299,9 +300,22 @@ class DataPlane:
         model = ServedModel(cfg.name, classifier, self.settings, self.metrics, solo_classifier=solo)
         # Warm up the batch sizes the batcher will use, so the first burst pays no allocation cost,
         # and seed the batcher's service-time model so admission by expected wait works from the start.
-        for n, seconds in await asyncio.to_thread(_time_batches, model, (1, min(self.settings.batching.max_batch_size, 256))):
+        largest = min(self.settings.batching.max_batch_size, 256)
+        for n, seconds in await asyncio.to_thread(_time_batches, model, (1, largest)):
             model.batcher.observe(n, seconds)
         model.batcher.start()
+        # Each instance's thread runs the largest batch once, all at once as under load: what a
+        # thread allocates on its first run stays with it, so it is part of the service at rest.
+        x = np.zeros((largest, *(d if d > 0 else 1 for d in model.sample_shape)), model.input_dtype)
+        await model.batcher.warm_instances(lambda: model._execute(x))
+        if model.solo_classifier is not None:  # solo batches run on the same threads, one at a time
+            one_at_a_time = threading.Lock()
+
+            def solo() -> None:
+                with one_at_a_time:
+                    model._execute_solo(x)
+
+            await model.batcher.warm_instances(solo)
         model.ready = True
         self._models[model.name] = model
         self.metrics.model_ready.labels(model.name, model.version).set(1)

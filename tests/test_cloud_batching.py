@@ -390,3 +390,26 @@ def test_a_served_model_releases_the_memory_of_each_of_its_sessions(monkeypatch)
     with pytest.raises(RuntimeError, match="arena shrink failed"):
         model.release_memory()
     assert trims == [True, True]
+
+
+def test_every_instance_thread_runs_the_warm_up_before_serving():
+    """What a thread allocates on its first inference stays with it (its C heap arena, the
+    runtime's per-thread buffers): each instance's thread is started and warmed at start-up, so
+    the first burst does not add a thread whose memory reads as growth."""
+    ran: list[str] = []
+
+    async def main():
+        b = DynamicBatcher(lambda x: (x * 2,), max_batch_size=4, instances=3, name="warmtest")
+        b.start()
+        try:
+            await b.warm_instances(lambda: ran.append(threading.current_thread().name))
+            assert len(set(ran)) == 3 and all(n.startswith("infer-warmtest") for n in ran), ran
+            before = {t.name for t in threading.enumerate() if t.name.startswith("infer-warmtest")}
+            out = await asyncio.gather(*(b.submit(np.ones((1, 2), np.float32)) for _ in range(12)))
+            assert all(np.array_equal(o[0], np.full((1, 2), 2.0)) for o in out)
+            after = {t.name for t in threading.enumerate() if t.name.startswith("infer-warmtest")}
+            assert after == before  # serving started no thread
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
