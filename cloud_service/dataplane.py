@@ -284,6 +284,7 @@ class DataPlane:
         """Load the model (off the loop), warm it up, start its batcher; then ready."""
         from edge_model.runtime import OnnxClassifier, SessionOptions
 
+        heap.fix_trim_threshold()  # before the model's allocations: see edge_model.heap
         cfg = self.settings.model
         rt = self.settings.runtime
         options = SessionOptions(intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
