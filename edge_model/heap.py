@@ -51,7 +51,7 @@ def fix_trim_threshold(nbytes: int = 128 * 1024) -> bool:
     """``mallopt(M_TRIM_THRESHOLD, nbytes)`` (glibc's default, but fixed): a thread's arena then
     gives its free top back as soon as it exceeds ``nbytes``. Left to adjust itself, the threshold
     rose with the service's large frees, and after a flood the inference threads' arenas kept
-    17-28 MiB of free memory resident in about one run of three, which no ``malloc_trim`` returns.
+    16-28 MiB of free memory resident in about one run of three, which no ``malloc_trim`` returns.
     Fixing it also stops glibc moving the mmap threshold (it stays where it is). For a process
     that runs for long and sees bursts (the cloud service); True if it ran (glibc)."""
     if _MALLOPT is None:
