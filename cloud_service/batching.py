@@ -68,9 +68,11 @@ calls ``release`` in a short-lived thread: by default :func:`edge_model.heap.tri
 milliseconds to tens of milliseconds on a fragmented heap and releases the GIL.
 Nothing of a finished request may sit in a reference cycle: an idle server runs no full
 collection, so a cycle keeps its request (body, input, connection objects) until the next flood.
-What stays after a flood (+4-5 MiB in most runs of ``bench/overload.py``) is CPython's
-small-object arenas and the main heap, pinned by live blocks allocated during it; ``malloc_trim``
-cannot return those.
+:meth:`DynamicBatcher.warm_instances` starts and warms every instance's thread before serving
+(what a thread allocates on its first run stays with it), and the data plane fixes glibc's trim
+threshold (:func:`edge_model.heap.fix_trim_threshold`) so that the threads' arenas give their free
+tops back. What stays after a flood (+3.8-3.9 MiB in ``bench/overload.py``, the same after three)
+is CPython's small-object arenas and the main heap, pinned by live blocks allocated during it.
 """
 
 from __future__ import annotations

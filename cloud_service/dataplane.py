@@ -137,6 +137,10 @@ class ServedModel:
     def _execute_solo(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._execute(x, self.solo_classifier)
 
+    def zeros(self, rows: int) -> np.ndarray:
+        """A blank input of ``rows`` rows (dynamic dimensions as 1), for warm-up and arena runs."""
+        return np.zeros((rows, *(d if d > 0 else 1 for d in self.sample_shape)), self.input_dtype)
+
     def release_memory(self) -> bool:
         """Give ONNX Runtime's arena and the C heap's free pages back to the OS (the batcher calls it
         when idle after load).
@@ -151,7 +155,7 @@ class ServedModel:
 
         options = ort.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        x = np.zeros((1, *(d if d > 0 else 1 for d in self.sample_shape)), self.input_dtype)
+        x = self.zeros(1)
         try:
             for classifier in filter(None, (self.classifier, self.solo_classifier)):  # an arena per session
                 classifier.session.run(None, {self.input_name: x}, options)
@@ -307,7 +311,7 @@ class DataPlane:
         model.batcher.start()
         # Each instance's thread runs the largest batch once, all at once as under load: what a
         # thread allocates on its first run stays with it, so it is part of the service at rest.
-        x = np.zeros((largest, *(d if d > 0 else 1 for d in model.sample_shape)), model.input_dtype)
+        x = model.zeros(largest)
         await model.batcher.warm_instances(lambda: model._execute(x))
         if model.solo_classifier is not None:  # solo batches run on the same threads, one at a time
             one_at_a_time = threading.Lock()
@@ -409,7 +413,7 @@ def _time_batches(model: ServedModel, sizes: tuple[int, ...], runs: int = 3) -> 
     """Best of ``runs`` timings of each batch size (the first run of a size also warms it up)."""
     timings = []
     for n in dict.fromkeys(sizes):
-        x = np.zeros((n, *(d if d > 0 else 1 for d in model.sample_shape)), model.input_dtype)
+        x = model.zeros(n)
         model._execute(x)
         if model.solo_classifier is not None:
             model._execute_solo(x)  # warmed, not timed: the batcher's model predicts contended batches
