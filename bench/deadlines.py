@@ -9,7 +9,7 @@ thread and loop start-up, client set-up) land there. The *steady state* is later
 same process. The breaker is disabled so that every wave really waits on the network.
 
     .venv/bin/python bench/deadlines.py [--processes 10] [--waves 20] [--deadline-ms 50] [--json out.json]
-        [--concurrent 3] [--switch-intervals 0.001,0.0002] [--gc-freeze] [--baseline DIR]
+        [--concurrent 3] [--switch-intervals 0.001,0.0002] [--gc-freeze] [--baseline DIR] [--sleepers]
 
 Each wave also runs *control* sleepers (``--control`` threads and as many tasks on the apredict
 loop) that only sleep for the deadline: their lateness is what the OS scheduler and the GIL add
@@ -22,6 +22,12 @@ objects one takes 15-40 ms on the 2-core machines here. Each worker records thos
 wave, and the report says how many of the waves over 2 ms had one. ``--gc-freeze`` adds the
 variant an application with tight deadlines is advised to run (README): ``gc.collect();
 gc.freeze()`` once the router is built, so later full collections skip the start-up objects.
+
+``--sleepers`` adds the peer the 2 ms goal is judged against: the same processes, router and
+waves with every ``predict`` / ``apredict`` replaced by a plain ``time.sleep`` / ``asyncio.sleep``
+for the deadline. How often *its* waves go over 2 ms is what this machine does to 16 callers
+waking at a deadline with no network and no router work at all; the router answers a reserve
+before the deadline, so it should go over less often than its peer, not more.
 
 Worker mode (used by tests/test_router_deadlines.py): ``--worker URL`` runs one process's waves
 against URL and prints one JSON line ``{"first": {"sync": [...], "async": [...], "control_sync": ...,
@@ -83,7 +89,7 @@ class SilentServer:
 
 
 def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, n_control: int = 2,
-           switch_interval: float | None = None, gc_freeze: bool = False) -> dict:
+           switch_interval: float | None = None, gc_freeze: bool = False, sleepers: bool = False) -> dict:
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
     from router import Router
@@ -127,9 +133,11 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
         def one(i: int) -> None:
             barrier.wait()
             t0 = time.monotonic()
-            p = router.predict(images[i], deadline_ms=deadline_ms)
+            if sleepers:  # the peer: the same callers, only sleeping for the deadline
+                time.sleep(deadline_s)
+            else:
+                reasons.add(router.predict(images[i], deadline_ms=deadline_ms).reason.value)
             sync_over[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
-            reasons.add(p.reason.value)
 
         def ctl(i: int) -> None:
             barrier.wait()
@@ -139,9 +147,11 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
 
         async def aone(i: int) -> None:
             t0 = time.monotonic()
-            p = await router.apredict(images[n_sync + i], deadline_ms=deadline_ms)
+            if sleepers:
+                await asyncio.sleep(deadline_s)
+            else:
+                reasons.add((await router.apredict(images[n_sync + i], deadline_ms=deadline_ms)).reason.value)
             async_over[i] = (time.monotonic() - t0 - deadline_s) * 1000.0
-            reasons.add(p.reason.value)
 
         async def actl(i: int) -> None:
             t0 = time.monotonic()
@@ -192,7 +202,7 @@ def worker(url: str, n_sync: int, n_async: int, deadline_ms: float, waves: int, 
 
 def run_worker(url: str, n_sync: int = 8, n_async: int = 8, deadline_ms: float = 50.0, waves: int = 1,
                timeout: float = 120.0, source: str | None = None, switch_interval: float | None = None,
-               gc_freeze: bool = False) -> dict:
+               gc_freeze: bool = False, sleepers: bool = False) -> dict:
     """One fresh interpreter's waves (the first one is what a new process sees); ``source``: a
     folder holding another version of the packages to measure instead (e.g. a baseline)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", url, "--sync", str(n_sync),
@@ -201,6 +211,8 @@ def run_worker(url: str, n_sync: int = 8, n_async: int = 8, deadline_ms: float =
         cmd += ["--switch-interval", str(switch_interval)]
     if gc_freeze:
         cmd += ["--gc-freeze-worker"]
+    if sleepers:
+        cmd += ["--sleepers-worker"]
     env = dict(os.environ)
     if source:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
@@ -229,6 +241,9 @@ def main(argv=None) -> int:
                     help="worker processes running at once (more than the cores: oversubscribed)")
     ap.add_argument("--switch-interval", type=float, default=None, help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--gc-freeze-worker", action="store_true", help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--sleepers-worker", action="store_true", help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--sleepers", action="store_true",
+                    help="also measure the peer: the same waves with every predict replaced by a sleep for the deadline")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="also measure the variant that runs gc.collect(); gc.freeze() once the router is built")
     ap.add_argument("--switch-intervals", default="",
@@ -240,16 +255,19 @@ def main(argv=None) -> int:
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.sync, args.n_async, args.deadline_ms, args.waves, args.control,
-                                args.switch_interval, args.gc_freeze_worker)))
+                                args.switch_interval, args.gc_freeze_worker, args.sleepers_worker)))
         return 0
 
-    variants: dict[str, tuple[str | None, float | None, bool]] = {"this tree": (None, None, False)}
+    # name -> (source folder, switch interval, gc.freeze(), sleepers instead of predict)
+    variants: dict[str, tuple[str | None, float | None, bool, bool]] = {"this tree": (None, None, False, False)}
     for si in filter(None, args.switch_intervals.split(",")):
-        variants[f"this tree, switch {float(si) * 1000:g} ms"] = (None, float(si), False)
+        variants[f"this tree, switch {float(si) * 1000:g} ms"] = (None, float(si), False, False)
     if args.gc_freeze:
-        variants["this tree, gc.freeze()"] = (None, None, True)
+        variants["this tree, gc.freeze()"] = (None, None, True, False)
     if args.baseline:
-        variants["baseline"] = (args.baseline, None, False)
+        variants["baseline"] = (args.baseline, None, False, False)
+    if args.sleepers:
+        variants["peer: plain sleepers"] = (None, None, False, True)
     keys = ("sync", "async", "control_sync", "control_async", "excess_sync", "excess_async")
     data = {v: {"first_wave": {k: [] for k in keys}, "steady": {k: [] for k in keys}} for v in variants}
     gcs = {v: {"steady_waves": 0, "full_gc_ms": [], "waves_over_2ms": 0, "over_2ms_with_full_gc": 0} for v in variants}
@@ -257,9 +275,9 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     with SilentServer() as server, concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
         for _ in range(args.processes):
-            for name, (source, si, freeze) in variants.items():  # interleaved: machine noise hits them alike
+            for name, (source, si, freeze, sleep) in variants.items():  # interleaved: machine noise hits them alike
                 runs = [pool.submit(run_worker, server.url, args.sync, args.n_async, args.deadline_ms, args.waves,
-                                    source=source, switch_interval=si, gc_freeze=freeze)
+                                    source=source, switch_interval=si, gc_freeze=freeze, sleepers=sleep)
                         for _ in range(args.concurrent)]
                 for fut in runs:
                     r = fut.result()
