@@ -268,25 +268,103 @@ def run_overload(args) -> dict:
             })
             time.sleep(1.0)
         rss_after = rss_mib(svc.pid)
-        settle_start = time.monotonic()
-        back_after = None
-        timeline = {}
-        marks = [m for m in (5, 10, 20, 30, 60) if m < args.settle] + [args.settle]
-        while time.monotonic() - settle_start < args.settle:
-            time.sleep(1.0)
-            elapsed = time.monotonic() - settle_start
-            rss = rss_mib(svc.pid)
-            if back_after is None and rss <= rss_before + RSS_TOLERANCE_MIB:
-                back_after = elapsed
-            while marks and elapsed >= marks[0]:
-                timeline[marks.pop(0)] = rss
+        timeline, back_after = settle(svc.pid, rss_before, args.settle)
         rss_settled = rss_mib(svc.pid)
     result = {"budget_ms": args.budget_ms, "seconds": args.seconds, "honour_retry_after": not args.ignore_retry_after,
               "levels": rows, "rss_mib": {"before": rss_before, "after_load": rss_after,
                                           f"after_{args.settle:.0f}s": rss_settled},
               "rss_mib_after_flood_s": timeline, f"rss_within_{RSS_TOLERANCE_MIB:g}mib_after_s": back_after}
+    if args.peer:
+        result["peer"] = run_peer(args, levels)
     print_overload(result, args)
     return result
+
+
+def settle(pid: int, rss_before: float, seconds: float) -> tuple[dict[float, float], Optional[float]]:
+    """Watch a process's RSS for ``seconds``: the figure at +5/10/20/30/60 s, and when it first came
+    back within the tolerance of ``rss_before`` (None: never)."""
+    start = time.monotonic()
+    back_after = None
+    timeline: dict[float, float] = {}
+    marks = [m for m in (5, 10, 20, 30, 60) if m < seconds] + [seconds]
+    while time.monotonic() - start < seconds:
+        time.sleep(1.0)
+        elapsed = time.monotonic() - start
+        rss = rss_mib(pid)
+        if back_after is None and rss <= rss_before + RSS_TOLERANCE_MIB:
+            back_after = elapsed
+        while marks and elapsed >= marks[0]:
+            timeline[marks.pop(0)] = rss
+    return timeline, back_after
+
+
+class EchoPeer:
+    """``bench/_echo_peer.py`` under uvicorn (httptools, the service's keep-alive) on a free port."""
+
+    def __init__(self, keep_alive_s: float = 5.0) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "_echo_peer:app", "--app-dir", str(REPO / "bench"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--http", "httptools", "--timeout-keep-alive", f"{keep_alive_s:g}",
+             "--log-level", "warning", "--no-access-log"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+
+    def __enter__(self) -> "EchoPeer":
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=2, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the echo peer did not start (is the server extra installed?)")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except Exception:
+            self._proc.kill()
+
+    def release(self) -> None:
+        import httpx
+
+        httpx.post(self.url + "/release", timeout=10, trust_env=False)
+
+
+def run_peer(args, levels: list[int]) -> dict:
+    """The same warm-up, rest, flood and settle against the bare FastAPI peer; it is released
+    (``malloc_trim``) at the end of its settle, as the service releases itself once idle."""
+    with EchoPeer() as peer:
+        drive(peer, 8, 1.0, 0.5, args.budget_ms)
+        time.sleep(args.rest)
+        peer.release()
+        time.sleep(1.0)
+        before = rss_mib(peer.pid)
+        answers = {}
+        for conns in levels:
+            tally, _, _ = drive(peer, conns, args.seconds, args.warmup, args.budget_ms, not args.ignore_retry_after)
+            answers[conns] = tally.answers / args.seconds
+            time.sleep(1.0)
+        after_load = rss_mib(peer.pid)
+        settle(peer.pid, before, args.settle)
+        peer.release()
+        time.sleep(1.0)
+        settled = rss_mib(peer.pid)
+    return {"answers_per_s": answers, "rss_mib": {"before": before, "after_load": after_load,
+                                                  f"after_{args.settle:.0f}s_released": settled}}
 
 
 def print_overload(result: dict, args) -> None:
@@ -317,6 +395,16 @@ def print_overload(result: dict, args) -> None:
     print(f"goal: RSS back to baseline (within {RSS_TOLERANCE_MIB:g} MiB) within 60 s: "
           + (f"after {back:.0f} s" if back is not None else "NOT within the settle period")
           + f"; {settled_key.replace('_', ' ')} - before = {rss[settled_key] - rss['before']:+.1f} MiB")
+    peer = result.get("peer")
+    if peer:
+        prss = peer["rss_mib"]
+        kept = list(prss.values())[-1] - prss["before"]
+        print(f"peer (bare FastAPI echo app, same flood: "
+              + ", ".join(f"{a:.0f} answers/s at {c}" for c, a in peer["answers_per_s"].items())
+              + f"): RSS MiB before {prss['before']:.1f}, after load {prss['after_load']:.1f}, "
+              f"+{args.settle:.0f} s and malloc_trim {list(prss.values())[-1]:.1f}")
+        print(f"RSS kept after the flood: service {rss[settled_key] - rss['before']:+.1f} MiB, "
+              f"peer {kept:+.1f} MiB")
 
 
 def run_dispatch(args) -> dict:
@@ -378,6 +466,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="seconds at rest after the warm-up before the baseline RSS (the service releases "
                         "freed heap keep_alive_s + 1 s after load)")
     p.add_argument("--ignore-retry-after", action="store_true", help="503'd connections resend at once")
+    p.add_argument("--peer", action="store_true",
+                   help="also run the same flood against a bare FastAPI echo app (bench/_echo_peer.py) and print "
+                        "the RSS it keeps next to the service's")
     p.add_argument("--dispatch-levels", default="1,4,16")
     p.add_argument("--dispatch-seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=2)
