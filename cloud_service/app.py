@@ -9,8 +9,9 @@ The edge of the service is here and only here:
 
 * ``STATUS_BY_ERROR`` maps the data plane's typed errors to HTTP statuses (one table);
   every error answer is ``{"error": "..."}`` -- never FastAPI's default 422 or HTML.
-* ``_EdgeMiddleware`` (pure ASGI) counts and times requests by route template, records the
-  arrival time (the budget in ``parameters.timeout`` counts from it) and enforces
+* ``_EdgeMiddleware`` (pure ASGI) counts and times requests by route template, passes on the
+  arrival time (the budget in ``parameters.timeout`` counts from it: when
+  ``HardenedHttpProtocol`` read the request's first bytes, else now) and enforces
   ``limits.max_body_bytes`` from ``Content-Length`` *and* while the body streams in. It also
   serves the infer endpoint itself (``_InferEndpoint``), skipping FastAPI's per-request
   layers on the hot path; every other endpoint is an ordinary FastAPI route.
@@ -403,7 +404,9 @@ class _EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
-        scope.setdefault("state", {})["arrived"] = started
+        # A request's budget runs from when its first bytes were read (HardenedHttpProtocol), not
+        # from here: under load the loop reaches this call late, and the client's clock is running.
+        scope.setdefault("state", {}).setdefault("arrived", started)
         limit = self.max_body
         declared: Optional[int] = None
         authorizations = 0
@@ -620,6 +623,7 @@ class HardenedHttpProtocol(HttpToolsProtocol):
         self._heads_seen = 0
         self._refused = False
         self._idle_since: Optional[float] = None  # not None while no request is in progress
+        self._received_at = 0.0  # monotonic time of the latest read (data_received)
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -659,6 +663,7 @@ class HardenedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
             return
+        self._received_at = time.monotonic()  # a request beginning in this chunk arrived now
         heads = self._heads_seen
         super().data_received(data)
         if heads != self._heads_seen:
@@ -677,6 +682,7 @@ class HardenedHttpProtocol(HttpToolsProtocol):
     # -- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["state"]["arrived"] = self._received_at
         self._reading_head = True
         self._arm_head_timer()
 

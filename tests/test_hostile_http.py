@@ -431,6 +431,19 @@ def test_a_valid_request_still_works_after_the_corpus(svc):
     assert reply.status == 200, reply.body[:300]
 
 
+def test_a_budget_runs_from_when_the_request_began_to_arrive(svc):
+    """``parameters.timeout`` counts from the read that brought the request's first bytes, not
+    from when the app got to the request (under load the event loop gets there late while the
+    client's clock runs). A head dripped for longer than the budget has spent it: 504 at once,
+    nothing computed -- before, the budget started at the end of the head and this was a 200."""
+    raw = infer(good(timeout=100_000))  # 100 ms, in microseconds
+    first_line = raw.index(b"\r\n") + 2
+    reply = slow(svc.port, [raw[:first_line], raw[first_line:]], pause=0.4)
+    assert reply.status == 504, reply.body[:300]
+    assert "error" in json.loads(reply.body)
+    assert _ready(svc.port) == 200
+
+
 def test_connection_cap_sheds_idle_connections_then_answers_503_json():
     """At ``server.limit_concurrency`` open connections a new one evicts the longest-idle one
     (answered 503 JSON); when every connection has a request in flight the new one gets 503."""
