@@ -4,6 +4,7 @@
     .venv/bin/python bench/overload.py --part overload     # 64 and 256 connections, 100 ms budgets
     .venv/bin/python bench/overload.py --part dispatch     # 1/4/16 connections, new vs previous dispatch
     .venv/bin/python bench/overload.py --quick             # short windows, 10 s settle (smoke run)
+    .venv/bin/python bench/overload.py --part overload --peer   # and the RSS a bare FastAPI app keeps
 
 Both parts start the real service (:class:`cloud_service.launch.LocalService`, ``config/cloud.yaml``:
 one uvicorn worker, two execution instances) and send the same single-image v2 request
@@ -19,6 +20,11 @@ the server sent (times a uniform 0.5-1.5 jitter, as independent devices would sp
 its next request, as the router's retry policy does (``--ignore-retry-after`` hammers instead). Goals printed next to the figures: goodput at 256
 >= 80 % of the 200/s at 64, <= 5 % of computed rows wasted, RSS back to baseline (within 1 MiB)
 within 60 s.
+
+``--peer`` then runs the same warm-up, rest, flood and settle against ``bench/_echo_peer.py``, a
+bare FastAPI app on uvicorn answering the same request with no model (released with
+``malloc_trim`` at the end, as the service releases itself when idle), and prints the RSS each
+kept: what any app on CPython + uvicorn + FastAPI keeps after 256 connections at once.
 
 ``dispatch``: N = 1, 4, 16 without budgets against two services started side by side, one with
 ``batching.dispatch_when_idle: true`` (new: a batch starts at once when an instance is idle), one
